@@ -1,0 +1,514 @@
+"""The subspace wrapper: K anchor weight sets of one network, mixed into the weights at a point.
+
+    w(p) = sum_k c_k(p) * W_k          (the same coefficients c(p) for every parameter tensor)
+
+Storage. The anchors of every parameter that lives in the subspace are kept flat: for each
+(dtype, weight-decay) group, anchor ``k`` is one contiguous Parameter ``anchors.{k}.{group}``.
+Mixing is then a handful of kernels (K reads and one write of the parameters), the optimiser
+updates a few large tensors instead of many small ones, and the anchors' gradients are
+``c_k * dL/dw`` computed in one kernel per trainable anchor. Decayed groups are stored as
+``(1, n)`` and undecayed ones as ``(n,)``, so timm's ``create_optimizer_v2`` (which exempts
+tensors with ``ndim <= 1``) splits them exactly as it splits the plain model.
+
+Binding. The wrapped model's subspace parameters are removed from its ``_parameters`` (the slot
+is kept as ``None`` so the order of names survives) and, for each forward, the mixed weights are
+bound as plain tensors in the owning modules' ``__dict__``. Every access ``module.weight`` — by
+the module itself, by its parent (ViT's ``pos_embed``), by ``F.linear(x, self.qkv.weight)`` —
+therefore sees the weights at the current point, whatever layer class owns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+Point = Union[float, Sequence[float], Tensor]
+InitFn = Callable[[nn.Module], None]
+
+SAMPLING_MODES = ("global", "layerwise", "arc_length")
+
+
+class _Mix(torch.autograd.Function):
+    """w = sum_k c_k * W_k for one flat group; backward gives dL/dW_k = c_k * dL/dw.
+
+    coeffs: Tensor[K] (one point) or Tensor[K, n] (layerwise: a coefficient per element);
+    anchors: K tensors of n elements each (shape (n,) or (1, n)). Returns a tensor shaped like
+    the anchors, in their dtype (also under autocast: only elementwise ops are used).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coeffs: Tensor, *anchors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(coeffs)
+        out = torch.mul(anchors[0], coeffs[0])
+        for anchor, c in zip(anchors[1:], coeffs[1:]):
+            out.addcmul_(anchor, c)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (coeffs,) = ctx.saved_tensors
+        grads: list[Tensor | None] = [None]
+        for k, needed in enumerate(ctx.needs_input_grad[1:]):
+            grads.append(grad * coeffs[k] if needed else None)
+        return tuple(grads)
+
+
+@dataclass
+class _Group:
+    """One flat storage group: the parameters of one dtype and one weight-decay class."""
+
+    name: str
+    decay: bool
+    dtype: torch.dtype
+    names: list[str] = field(default_factory=list)          # canonical parameter names
+    shapes: list[torch.Size] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
+    owners: list[list[tuple[nn.Module, str]]] = field(default_factory=list)
+    module_index: list[int] = field(default_factory=list)   # layerwise: which module owns it
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (1, self.numel) if self.decay else (self.numel,)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
+
+
+def _reinit(model: nn.Module) -> None:
+    """Re-draw a model's weights with its own initialisation: every module's
+    ``reset_parameters()``, then the model's ``init_weights()`` (timm's convention) if it has one."""
+    for name, module in model.named_modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            try:
+                reset()
+            except TypeError as err:
+                raise TypeError(
+                    f"cannot re-initialise module '{name or type(module).__name__}': its "
+                    f"reset_parameters() needs arguments ({err}); pass init=<callable> to the "
+                    "subspace, or exclude= its parameters"
+                ) from err
+    init_weights = getattr(model, "init_weights", None)
+    if callable(init_weights):
+        init_weights()
+
+
+class Subspace(nn.Module):
+    """Base class: a ``torch.nn.Module`` holding K anchors of one network.
+
+    Subclasses define the shape: ``num_anchors``, ``coefficients(point) -> Tensor[..., K]``,
+    ``centre()`` and ``sample(generator)``. Forward: ``sub(*args, point=None, **kwargs)`` runs
+    the wrapped model at ``w(point)``. An explicit ``point`` wins; else a point fixed with
+    :meth:`set_point` / :meth:`at`; else training mode samples a fresh point per forward and eval
+    mode uses the centre.
+
+    Args:
+        model: the network to wrap (copied; the original is left untouched).
+        include / exclude: fnmatch patterns over parameter names (``"head.*"``); only matching
+            parameters live in the subspace, the others are shared by all points and trained
+            normally. Default: every parameter.
+        sampling: ``"global"`` (one point per forward), ``"layerwise"`` (an independent point per
+            module, [W]) or ``"arc_length"`` (curves only: t drawn with density proportional to
+            ``||w'(t)||``, refreshed every ``arc_length_every`` training forwards).
+        seed: seed of the subspace's own ``torch.Generator`` for point draws (saved in the
+            state_dict, so draws continue identically after a resume). Under DDP give each rank
+            a different seed for different points per rank (more samples of E_t[loss] per step)
+            or the same seed for identical points on all ranks.
+        init: from-scratch anchors: ``"reinit"`` (default: every module's ``reset_parameters()``
+            then the model's ``init_weights()``; a non-constant parameter that none of them
+            re-draws is shuffled, with a warning naming it) or a callable ``init(model_copy)``.
+    """
+
+    num_anchors: int
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_anchors: int,
+        *,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        sampling: str = "global",
+        seed: int | None = None,
+        init: str | InitFn = "reinit",
+        arc_length_every: int = 100,
+        _endpoints: Sequence[nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
+        if sampling == "arc_length" and not self._is_curve():
+            raise ValueError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
+        if arc_length_every < 1:
+            raise ValueError(f"arc_length_every must be >= 1, got {arc_length_every}")
+        self.num_anchors = int(num_anchors)
+        self.sampling = sampling
+        self.arc_length_every = int(arc_length_every)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
+        self._steps = 0
+        self._fixed: Tensor | None = None
+        self._arc_cdf: tuple[Tensor, Tensor] | None = None
+
+        self.model = copy.deepcopy(model)
+        self._groups = self._layout(self.model, include, exclude)
+        if not self._groups:
+            raise ValueError(
+                "no parameter matched include=/exclude=: the subspace would be empty; check the "
+                f"patterns against the model's parameter names (e.g. {self._first_names(model)})"
+            )
+        sources = self._anchor_sources(model, init, _endpoints)
+        self.anchors = nn.ModuleList()
+        for tensors in sources:
+            self.anchors.append(nn.ParameterDict({g.name: nn.Parameter(t) for g, t in zip(self._groups, tensors)}))
+        self._detach_from_model()
+        for g in self._groups:
+            self.register_buffer(f"_numels_{g.name}", torch.tensor(g.numels), persistent=False)
+            self.register_buffer(f"_modidx_{g.name}", torch.tensor(g.module_index), persistent=False)
+        self._rebind_centre()
+
+    # ------------------------------------------------------------------ shape interface
+    def coefficients(self, point: Point) -> Tensor:
+        """Coefficients c(p) of the anchors at a point: Tensor[..., K], summing to 1."""
+        raise NotImplementedError
+
+    def centre(self) -> Tensor:
+        """The point used in eval mode when none is fixed (t = 0.5 / the centroid)."""
+        raise NotImplementedError
+
+    def sample(self, generator: torch.Generator | None = None, n: int | None = None) -> Tensor:
+        """Draw a point (or ``n`` points) from the shape's sampling distribution."""
+        raise NotImplementedError
+
+    def validate_point(self, point: Point) -> Tensor:
+        """Return the point as a float tensor, or raise ValueError naming what is wrong."""
+        raise NotImplementedError
+
+    @classmethod
+    def _is_curve(cls) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _first_names(model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters()][:3]
+
+    def _layout(self, model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[_Group]:
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise TypeError("include= / exclude= take a list of patterns, e.g. exclude=['head.*']")
+        nwd = getattr(model, "no_weight_decay", None)
+        no_decay = set(nwd()) if callable(nwd) else set()
+        modules = dict(model.named_modules())
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for full, p in model.named_parameters(remove_duplicate=False):
+            mod_name, _, attr = full.rpartition(".")
+            owners.setdefault(id(p), []).append((modules[mod_name], attr))
+        groups: dict[tuple[torch.dtype, bool], _Group] = {}
+        module_ids: dict[str, int] = {}
+        for name, p in model.named_parameters():
+            if include is not None and not _matches(name, include):
+                continue
+            if exclude is not None and _matches(name, exclude):
+                continue
+            if not p.is_floating_point():
+                continue
+            decay = not (p.ndim <= 1 or name.endswith(".bias") or _matches(name, no_decay))
+            key = (p.dtype, decay)
+            if key not in groups:
+                dtype_name = str(p.dtype).removeprefix("torch.")
+                groups[key] = _Group(f"{'decay' if decay else 'no_decay'}_{dtype_name}", decay, p.dtype)
+            g = groups[key]
+            g.names.append(name)
+            g.shapes.append(p.shape)
+            g.numels.append(p.numel())
+            g.owners.append(owners[id(p)])
+            g.module_index.append(module_ids.setdefault(name.rpartition(".")[0], len(module_ids)))
+        self._num_modules = len(module_ids)
+        return list(groups.values())
+
+    def _flatten(self, model: nn.Module) -> list[Tensor]:
+        params = dict(model.named_parameters())
+        out = []
+        for g in self._groups:
+            try:
+                flat = torch.cat([params[n].detach().reshape(-1) for n in g.names])
+            except KeyError as err:
+                raise ValueError(f"model has no parameter {err.args[0]!r} that the subspace needs") from err
+            out.append(flat.reshape(g.storage_shape()).clone())
+        return out
+
+    def _anchor_sources(self, model: nn.Module, init: str | InitFn, endpoints: Sequence[nn.Module] | None) -> list[list[Tensor]]:
+        if endpoints is not None:
+            return self._connect_sources([self._flatten(m) for m in endpoints])
+        if not (init == "reinit" or callable(init)):
+            raise ValueError(f"init={init!r}: use 'reinit' or a callable init(model)")
+        original = dict(model.named_parameters())
+        wanted = {n for g in self._groups for n in g.names}
+        sources, shuffled = [], set()
+        for _ in range(self.num_anchors):
+            copy_k = copy.deepcopy(model)
+            with torch.no_grad():
+                (init if callable(init) else _reinit)(copy_k)
+                if init == "reinit":
+                    for name, p in copy_k.named_parameters():
+                        if name in wanted and p.numel() > 1 and torch.equal(p, original[name]):
+                            flat = p.reshape(-1)
+                            if not torch.all(flat == flat[0]):   # constant inits (ones, ls gamma) are legitimately equal
+                                p.copy_(flat[torch.randperm(flat.numel())].view_as(p))
+                                shuffled.add(name)
+            sources.append(self._flatten(copy_k))
+        if shuffled:
+            warnings.warn(
+                "no init function of the model re-draws "
+                + ", ".join(sorted(shuffled))
+                + "; each anchor got a random permutation of its values instead. Pass init=<callable> "
+                "to control this, or exclude= these parameters from the subspace.",
+                stacklevel=3,
+            )
+        return sources
+
+    def _connect_sources(self, ends: list[list[Tensor]]) -> list[list[Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} has no connect()")
+
+    def _detach_from_model(self) -> None:
+        for g in self._groups:
+            for owners in g.owners:
+                for module, attr in owners:
+                    module._parameters[attr] = None
+
+    # ------------------------------------------------------------------ points
+    def _coeffs_for(self, point: Point | None) -> Tensor:
+        """Coefficients to use now: Tensor[K] or, for layerwise draws, Tensor[K, num_modules]."""
+        if point is not None:
+            return self.coefficients(self.validate_point(point))
+        if self._fixed is not None:
+            return self._fixed
+        if not self.training:
+            return self.coefficients(self.centre())
+        self._check_trainable()
+        self._steps += 1
+        if self.sampling == "layerwise":
+            return self.coefficients(self.sample(self.generator, n=self._num_modules)).T
+        if self.sampling == "arc_length":
+            return self.coefficients(self._sample_arc_length())
+        return self.coefficients(self.sample(self.generator))
+
+    def set_point(self, point: Point | None) -> None:
+        """Fix the point used by every forward (train or eval) until ``set_point(None)``."""
+        self._fixed = None if point is None else self.coefficients(self.validate_point(point))
+
+    @contextlib.contextmanager
+    def at(self, point: Point) -> Iterator[Subspace]:
+        """Context in which every forward runs at ``point``: ``with sub.at(0.5): sub(x)``."""
+        previous = self._fixed
+        self.set_point(point)
+        try:
+            yield self
+        finally:
+            self._fixed = previous
+
+    def _check_trainable(self) -> None:
+        if torch.is_grad_enabled() and not any(self.anchor_trainable(k) for k in range(self.num_anchors)):
+            raise RuntimeError(
+                "every anchor of this subspace is frozen, so training it changes nothing in the "
+                "subspace: call unfreeze_anchor(k), or evaluate under torch.no_grad() / eval()"
+            )
+
+    # ------------------------------------------------------------------ arc length
+    def speed(self, t: Tensor) -> Tensor:
+        """||w'(t)|| at curve points t: Tensor[N] -> Tensor[N], from the K x K Gram of the anchors."""
+        gram = self.gram().detach()
+        deriv = torch.func.vmap(torch.func.jacfwd(self.coefficients))(t.double())   # [N, K]
+        return torch.einsum("nk,kl,nl->n", deriv, gram, deriv).clamp_min(0).sqrt()
+
+    def _sample_arc_length(self, grid: int = 201) -> Tensor:
+        if self._arc_cdf is None or (self._steps - 1) % self.arc_length_every == 0:
+            edges = torch.linspace(0, 1, grid, dtype=torch.float64)
+            mids = (edges[1:] + edges[:-1]) / 2
+            dens = self.speed(mids).cpu()
+            if not torch.isfinite(dens).all() or dens.sum() <= 0:
+                dens = torch.ones_like(dens)
+            self._arc_cdf = (edges, dens)
+        edges, dens = self._arc_cdf
+        cell = torch.multinomial(dens, 1, generator=self.generator)[0]
+        u = torch.rand((), generator=self.generator, dtype=torch.float64)
+        return (edges[cell] + u * (edges[cell + 1] - edges[cell])).float()
+
+    # ------------------------------------------------------------------ mixing and binding
+    def _mix(self, coeffs: Tensor) -> list[Tensor]:
+        """Mixed flat weights per group at coefficients Tensor[K] or Tensor[K, num_modules]."""
+        out = []
+        for g in self._groups:
+            anchors = [self.anchors[k][g.name] for k in range(self.num_anchors)]
+            c = coeffs.to(device=anchors[0].device, dtype=g.dtype, non_blocking=True)
+            if c.ndim == 2:   # layerwise: expand per-module coefficients to every element
+                c = torch.repeat_interleave(c[:, getattr(self, f"_modidx_{g.name}")], getattr(self, f"_numels_{g.name}"), dim=1)
+                if g.decay:
+                    c = c.unsqueeze(1)
+            out.append(_Mix.apply(c, *anchors))
+        return out
+
+    def _bind(self, flats: list[Tensor], detach: bool = False) -> None:
+        for g, flat in zip(self._groups, flats):
+            if detach:
+                flat = flat.detach()
+            for piece, shape, owners in zip(torch.split(flat.reshape(-1), g.numels), g.shapes, g.owners):
+                tensor = piece.view(shape)
+                for module, attr in owners:
+                    module.__dict__[attr] = tensor
+
+    def forward(self, *args: Any, point: Point | None = None, **kwargs: Any) -> Any:
+        flats = self._mix(self._coeffs_for(point))
+        self._bind(flats)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._bind(flats, detach=True)   # keep no autograd history on the model between calls
+
+    # ------------------------------------------------------------------ anchors
+    def _check_k(self, k: int) -> int:
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise TypeError(f"anchor index must be an int, got {type(k).__name__}")
+        if not -self.num_anchors <= k < self.num_anchors:
+            raise IndexError(f"anchor {k} out of range: this subspace has {self.num_anchors} anchors (0..{self.num_anchors - 1})")
+        return k % self.num_anchors
+
+    def anchor_parameters(self, k: int) -> list[nn.Parameter]:
+        """The flat Parameters of anchor k (one per dtype/decay group)."""
+        return list(self.anchors[self._check_k(k)].values())
+
+    def anchor_trainable(self, k: int) -> bool:
+        return all(p.requires_grad for p in self.anchor_parameters(k))
+
+    def freeze_anchor(self, k: int) -> None:
+        """Stop training anchor k (its Parameters get requires_grad=False)."""
+        for p in self.anchor_parameters(k):
+            p.requires_grad_(False)
+
+    def unfreeze_anchor(self, k: int) -> None:
+        for p in self.anchor_parameters(k):
+            p.requires_grad_(True)
+
+    def anchor(self, k: int) -> nn.Module:
+        """Anchor k as a plain model of the wrapped class (current BatchNorm buffers)."""
+        coeffs = torch.zeros(self.num_anchors)
+        coeffs[self._check_k(k)] = 1.0
+        return self._materialize(coeffs)
+
+    def export(self, point: Point | None = None, bn_loader: Iterable | None = None, bn_batches: int | None = None) -> nn.Module:
+        """The network at ``point`` (default: the centre) as an instance of the wrapped model's class.
+
+        Its ``state_dict()`` loads with ``strict=True`` into a fresh model of the same config. With
+        ``bn_loader`` its BatchNorm statistics are recomputed there (``bn_batches`` batches at most).
+        """
+        coeffs = self.coefficients(self.centre() if point is None else self.validate_point(point))
+        model = self._materialize(coeffs)
+        if bn_loader is not None:
+            from .bn import update_bn
+
+            update_bn(model, bn_loader, max_batches=bn_batches)
+        return model
+
+    @torch.no_grad()
+    def _materialize(self, coeffs: Tensor) -> nn.Module:
+        flats = [f.detach() for f in self._mix(coeffs)]
+        bound = []
+        for g in self._groups:   # leave the slots empty while copying: no weights copied twice
+            for owners in g.owners:
+                for module, attr in owners:
+                    bound.append((module, attr, module.__dict__.pop(attr, None)))
+        try:
+            plain = copy.deepcopy(self.model)
+        finally:
+            for module, attr, tensor in bound:
+                if tensor is not None:
+                    module.__dict__[attr] = tensor
+        modules = dict(plain.named_modules())
+        original_modules = {id(m): n for n, m in self.model.named_modules()}
+        for g, flat in zip(self._groups, flats):
+            for piece, shape, owners in zip(torch.split(flat.reshape(-1), g.numels), g.shapes, g.owners):
+                param = nn.Parameter(piece.view(shape).clone())
+                for module, attr in owners:
+                    modules[original_modules[id(module)]]._parameters[attr] = param
+        return plain
+
+    # ------------------------------------------------------------------ geometry
+    def gram(self) -> Tensor:
+        """Inner products of the anchors over all subspace weights: Tensor[K, K] (float64).
+
+        G_ij = <W_i, W_j>, accumulated group by group; differentiable, no K x P copy.
+        """
+        K = self.num_anchors
+        rows = []
+        for i in range(K):
+            row = []
+            for j in range(K):
+                row.append(sum(torch.dot(self.anchors[i][g.name].reshape(-1), self.anchors[j][g.name].reshape(-1)).double() for g in self._groups))
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
+    def num_subspace_parameters(self) -> int:
+        """Number of network parameters that live in the subspace (per anchor)."""
+        return sum(g.numel for g in self._groups)
+
+    def subspace_parameter_names(self) -> list[str]:
+        return [n for g in self._groups for n in g.names]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names exempt from weight decay, for timm's create_optimizer_v2: undecayed anchor
+        groups, and the wrapped model's own exemptions for its shared parameters."""
+        names = {f"anchors.{k}.{g.name}" for k in range(self.num_anchors) for g in self._groups if not g.decay}
+        nwd = getattr(self.model, "no_weight_decay", None)
+        if callable(nwd):
+            names |= {f"model.{n}" for n in nwd()}
+        return names
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "steps": self._steps, "num_anchors": self.num_anchors}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if int(state["num_anchors"]) != self.num_anchors:
+            raise ValueError(
+                f"checkpoint has {state['num_anchors']} anchors but this {type(self).__name__} has "
+                f"{self.num_anchors}; build the subspace with the same shape before loading"
+            )
+        self.generator.set_state(state["generator"])
+        self._steps = int(state["steps"])
+        self._arc_cdf = None
+
+    def _rebind_centre(self) -> None:
+        """Show the centre's weights on the wrapped model between forwards (after loads and moves)."""
+        with torch.no_grad():
+            self._bind(self._mix(self.coefficients(self.centre())), detach=True)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._rebind_centre()
+        return result
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Subspace:
+        super()._apply(fn, recurse)
+        if hasattr(self, "anchors"):
+            self._rebind_centre()
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_anchors={self.num_anchors}, sampling={self.sampling!r}, "
+            f"subspace_parameters={self.num_subspace_parameters():,}, groups={[g.name for g in self._groups]}"
+        )
