@@ -291,6 +291,7 @@ class Subspace(nn.Module):
                     module._parameters[attr] = None
 
     # ------------------------------------------------------------------ points
+    @torch.compiler.disable
     def _coeffs_for(self, point: Point | None) -> Tensor:
         """Coefficients to use now: Tensor[K] or, for layerwise draws, Tensor[K, num_modules]."""
         if point is not None:
