@@ -157,6 +157,8 @@ class Subspace(nn.Module):
             raise ValueError(f"arc_length_every must be >= 1, got {arc_length_every}")
         self.num_anchors = int(num_anchors)
         self.sampling = sampling
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
         self.arc_length_every = int(arc_length_every)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed) if seed is not None else int(torch.randint(2**62, ()).item()))
@@ -479,17 +481,20 @@ class Subspace(nn.Module):
         return names
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "steps": self._steps, "num_anchors": self.num_anchors}
+    def get_extra_state(self) -> Tensor:
+        """[num_anchors, steps, *generator state] as one int64 tensor (so safetensors can hold it)."""
+        return torch.cat([torch.tensor([self.num_anchors, self._steps]), self.generator.get_state().long()])
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if int(state["num_anchors"]) != self.num_anchors:
+    def set_extra_state(self, state: Tensor) -> None:
+        if not isinstance(state, Tensor) or state.ndim != 1 or state.numel() < 3:
+            raise ValueError("this state_dict's '_extra_state' is not a subspace's (point generator state expected)")
+        if int(state[0]) != self.num_anchors:
             raise ValueError(
-                f"checkpoint has {state['num_anchors']} anchors but this {type(self).__name__} has "
+                f"checkpoint has {int(state[0])} anchors but this {type(self).__name__} has "
                 f"{self.num_anchors}; build the subspace with the same shape before loading"
             )
-        self.generator.set_state(state["generator"])
-        self._steps = int(state["steps"])
+        self._steps = int(state[1])
+        self.generator.set_state(state[2:].to(torch.uint8))
         self._arc_cdf = None
 
     def _rebind_centre(self) -> None:

@@ -1,0 +1,30 @@
+"""Train a standard network, or a line / curve / simplex of networks from scratch [W].
+
+    accelerate launch recipes/train.py --subspace line --epochs 10          # Fashion-MNIST by default
+    accelerate launch recipes/train.py --model resnet18 --dataset cifar10 --subspace line --beta 1
+    accelerate launch recipes/train.py --resume runs/train                  # continue a stopped run
+"""
+
+import argparse
+import sys
+
+from subspaces import cli, config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_model_args(p)
+    config.add_data_args(p)
+    config.add_optim_args(p)
+    config.add_subspace_args(p)
+    config.add_run_args(p, output="runs/train")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
+    args = cli.parse(p, argv)
+    from subspaces.training import run_training
+
+    title = f"{args.model} on {args.dataset}: " + ("standard training" if args.subspace == "none" else f"{args.subspace} from scratch")
+    return cli.run(lambda: run_training(args, title))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

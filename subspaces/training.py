@@ -1,0 +1,446 @@
+"""The training loop shared by every recipe, on accelerate.
+
+One loop (:class:`Trainer`) trains a plain timm model or a subspace: per step the subspace draws
+its point, the loss adds the chosen regulariser (``beta * cos^2`` between anchors [W],
+``- volume_lambda * log Vol`` for simplexes [B]), then the optimiser (timm's
+``create_optimizer_v2``) and the scheduler (timm's ``create_scheduler_v2`` stepped per update,
+or a per-iteration torch scheduler such as FGE's) step. After every epoch it evaluates (a
+subspace at its centre, BatchNorm recomputed there), appends a line to ``metrics.jsonl`` and
+writes an accelerate checkpoint atomically; ``resume`` continues from it.
+
+Run folder::
+
+    config.yaml  metrics.jsonl  checkpoint/ (accelerate state + progress.json)
+    model.safetensors|json                (standard training)
+    subspace.safetensors|json  exports/{centre,anchor0,...}.safetensors|json   (subspaces)
+    results.json                          (final evaluation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from .bn import update_bn
+from .config import ConfigError, save_config
+from .data import DataBundle, build_datasets, make_loader
+from .ensembles import evaluate
+from .io import SHAPES, save_model, save_subspace, write_json
+from .regularizers import cosine_penalty, log_volume
+from .subspace import Subspace
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------- setup
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler."""
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        cpu=getattr(args, "cpu", False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError for a name timm does not know, suggesting close names."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise ConfigError(f"unknown timm model '{name}'{hint}")
+
+
+def create_timm_model(args: argparse.Namespace, num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` from the flags; ``--img-size`` goes to models that take one (ViTs)."""
+    check_model_name(args.model)
+    kwargs = dict(args.model_kwargs or {})
+    if args.img_size is not None and "img_size" not in kwargs:
+        try:
+            model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=in_chans, img_size=args.img_size, **kwargs)
+            kwargs["img_size"] = args.img_size
+            return model, kwargs
+        except TypeError:
+            pass
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return model, kwargs
+
+
+def build_data_and_model(args: argparse.Namespace) -> tuple[DataBundle, nn.Module, dict[str, Any]]:
+    """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it."""
+    common = dict(root=args.data_dir, img_size=args.img_size, train_subset=args.train_subset,
+                  eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed)
+    data = build_datasets(args.dataset, in_chans=args.in_chans, **common)
+    num_classes = args.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise ConfigError(f"--num-classes {num_classes} is smaller than the {data.num_classes} classes of {args.dataset}")
+    model, kwargs = create_timm_model(args, num_classes, args.in_chans or data.in_chans)
+    data = build_datasets(args.dataset, in_chans=args.in_chans or data.in_chans, model=model, **common)
+    spec = {"model": args.model, "num_classes": num_classes, "in_chans": data.in_chans, "model_kwargs": kwargs,
+            "img_size": data.img_size, "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset}
+    return data, model, spec
+
+
+def wrap_subspace(args: argparse.Namespace, model: nn.Module, rank: int = 0) -> nn.Module:
+    """The model itself (``--subspace none``) or a subspace of it learned from scratch."""
+    if args.subspace == "none":
+        return model
+    shape_kwargs: dict[str, Any] = {}
+    if args.subspace == "bezier":
+        shape_kwargs["degree"] = args.degree if args.degree is not None else 2
+    if args.subspace == "polychain":
+        shape_kwargs["bends"] = args.bends if args.bends is not None else 1
+    if args.subspace == "simplex":
+        shape_kwargs["vertices"] = args.vertices if args.vertices is not None else 3
+    seed = args.seed if args.same_point else args.seed + 100_003 * rank
+    sampling = "layerwise" if args.layerwise else args.sampling
+    return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude, **shape_kwargs)
+
+
+def validate_train_args(args: argparse.Namespace) -> None:
+    """Reject incompatible options before any work starts."""
+    sub = getattr(args, "subspace", "none")
+    for flag, shape in (("degree", "bezier"), ("bends", "polychain"), ("vertices", "simplex")):
+        if getattr(args, flag, None) is not None and sub != shape:
+            raise ConfigError(f"--{flag} applies to --subspace {shape}, not --subspace {sub}")
+    if sub == "none":
+        for flag in ("layerwise", "same_point"):
+            if getattr(args, flag, False):
+                raise ConfigError(f"--{flag.replace('_', '-')} needs a --subspace (line, bezier, polychain or simplex)")
+        if getattr(args, "beta", 0) or getattr(args, "volume_lambda", 0):
+            raise ConfigError("--beta / --volume-lambda regularise a subspace: add --subspace")
+    if getattr(args, "volume_lambda", 0) and sub not in ("simplex", "none"):
+        raise ConfigError("--volume-lambda is the simplex volume regulariser: use it with --subspace simplex")
+    if getattr(args, "sampling", "global") == "arc_length" and sub not in ("line", "bezier", "polychain"):
+        raise ConfigError("--sampling arc_length is defined for curves: --subspace line, bezier or polychain")
+    for name in ("epochs", "batch_size", "grad_accum_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs})")
+
+
+def prepare_output(args: argparse.Namespace) -> Path:
+    """Create the run folder (checking it is writable) and write ``config.yaml``."""
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output folder {out}: {err.strerror}; pass --output to a writable folder") from None
+    free = shutil.disk_usage(out).free
+    if free < 200 * 2**20:
+        raise ConfigError(f"only {free / 2**20:.0f} MiB free in {out}: checkpoints need more; free space or pass --output elsewhere")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def eval_plain(model: nn.Module, data: DataBundle, args: argparse.Namespace, accelerator: Accelerator, eval_loader: Any, recompute_bn: bool = True) -> dict[str, float]:
+    """Metrics of a plain model, its BatchNorm recomputed on the (unaugmented) training data first."""
+    if recompute_bn:
+        update_bn(model, make_loader(data.bn, args.batch_size, shuffle=False), max_batches=args.bn_batches)
+    return evaluate(model.to(accelerator.device), eval_loader, num_classes=data.num_classes, accelerator=accelerator)
+
+
+def points_to_evaluate(sub: Subspace, final: bool) -> dict[str, Callable[[], nn.Module]]:
+    """Named plain models to evaluate: the centre always; every anchor in the final evaluation."""
+    points: dict[str, Callable[[], nn.Module]] = {"centre": sub.export}
+    if final:
+        for k in range(sub.num_anchors):
+            points[f"anchor{k}"] = lambda k=k: sub.anchor(k)
+    return points
+
+
+# ---------------------------------------------------------------------------------------- progress
+class _Progress:
+    """Rich progress bar on a terminal (main process only); plain lines every N steps otherwise."""
+
+    def __init__(self, accelerator: Accelerator, total: int, epoch: int, epochs: int, log_interval: int) -> None:
+        self.enabled = accelerator.is_main_process
+        self.console = Console(stderr=True)
+        self.tty = self.console.is_terminal
+        self.total, self.log_interval, self.label = total, max(1, log_interval), f"epoch {epoch + 1}/{epochs}"
+        self.bar: Progress | None = None
+        if self.enabled and self.tty:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.bar.add_task(self.label, total=total, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.log_interval == 0 or step == self.total:
+            print(f"{self.label} step {step}/{self.total} {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_dir(out: Path) -> Path | None:
+    """The newest complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if a save died mid-rename."""
+    for name in ("checkpoint", "checkpoint.old"):
+        d = out / name
+        if (d / "progress.json").exists():
+            return d
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
+    """accelerate.save_state into a temporary folder, then renamed over ``checkpoint/`` (atomic)."""
+    tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / "progress.json", "w") as f:
+            json.dump(progress, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------- loop
+@dataclass
+class Trainer:
+    """Train ``model`` (plain or Subspace) for ``args.epochs`` epochs on ``data`` with accelerate.
+
+    ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
+    stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
+    (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
+    budget cut: the run stops as if killed after a finished epoch, resumable).
+    """
+
+    args: argparse.Namespace
+    model: nn.Module
+    data: DataBundle
+    spec: dict[str, Any]
+    accelerator: Accelerator
+    output: Path
+    make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None
+    on_update: Callable[[Trainer, int], None] | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    updates: int = 0
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _setup(self) -> None:
+        a, acc = self.args, self.accelerator
+        self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum)
+        train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
+        eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / a.grad_accum_steps)
+        if self.make_scheduler is not None:
+            self.scheduler = self.make_scheduler(self.optimizer, self.updates_per_epoch)
+        elif a.sched != "none":
+            self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=a.sched, num_epochs=a.epochs, warmup_epochs=a.warmup_epochs,
+                                                   min_lr=a.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        if self.scheduler is not None:
+            acc.register_for_checkpointing(self.scheduler)
+
+    def _step_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        if hasattr(self.scheduler, "step_update"):   # timm: stepped by hand per update
+            self.scheduler.step_update(num_updates=self.updates)
+        else:
+            self.scheduler.step()
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.args.smoothing)
+        sub = self.unwrapped
+        if isinstance(sub, Subspace):
+            if getattr(self.args, "beta", 0):
+                loss = loss + self.args.beta * cosine_penalty(sub).to(loss.dtype)
+            if getattr(self.args, "volume_lambda", 0):
+                loss = loss - self.args.volume_lambda * log_volume(sub).to(loss.dtype)
+        return loss
+
+    def evaluate_now(self, final: bool) -> dict[str, dict[str, float]]:
+        """Metrics per evaluated point (a plain model: its own BN; a subspace: BN recomputed per point)."""
+        net = self.unwrapped
+        if not isinstance(net, Subspace):
+            return {"model": evaluate(net, self.eval_loader, num_classes=self.data.num_classes, accelerator=self.accelerator)}
+        return {name: eval_plain(make(), self.data, self.args, self.accelerator, self.eval_loader) for name, make in points_to_evaluate(net, final).items()}
+
+    def fit(self, resume: bool = False, train_epochs: int | None = None) -> dict[str, Any]:
+        a, acc, out = self.args, self.accelerator, self.output
+        self._setup()
+        start = 0
+        metrics_path = out / "metrics.jsonl"
+        ckpt = _checkpoint_dir(out) if resume else None
+        if ckpt is not None:
+            acc.load_state(str(ckpt))
+            progress = json.loads((ckpt / "progress.json").read_text())
+            start, self.updates = progress["epoch"], progress["updates"]
+            acc.print(f"resumed from {ckpt} after epoch {start}")
+            if acc.is_main_process and metrics_path.exists():
+                lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= start]
+                metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        elif acc.is_main_process and metrics_path.exists():
+            metrics_path.unlink()
+        stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
+        for epoch in range(start, stop):
+            self._train_epoch(epoch)
+            last = epoch + 1 == a.epochs
+            record = self.history[-1]
+            if last or (epoch + 1) % a.eval_every == 0:
+                record["eval"] = self.evaluate_now(final=False)
+            if acc.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _print_epoch(record)
+            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates})
+        return {"epochs_done": stop, "finished": stop == a.epochs}
+
+    def _train_epoch(self, epoch: int) -> None:
+        a, acc = self.args, self.accelerator
+        self.model.train()
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        bar = _Progress(acc, len(self.train_loader), epoch, a.epochs, a.log_interval)
+        loss_sum = torch.zeros((), device=acc.device)
+        correct = torch.zeros((), device=acc.device)
+        seen, t0 = 0, time.perf_counter()
+        try:
+            for step, (x, y) in enumerate(self.train_loader, start=1):
+                with acc.accumulate(self.model):
+                    logits = self.model(x)
+                    loss = self._loss(logits, y)
+                    if not torch.isfinite(loss.detach()):
+                        done = _checkpoint_dir(self.output)
+                        kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
+                        raise NonFiniteLossError(
+                            f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (update {self.updates + 1}): the run "
+                            f"stopped; {kept}. Lower --lr, or try --mixed-precision no / bf16"
+                        )
+                    acc.backward(loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    self.updates += 1
+                    self._step_scheduler()
+                    if self.on_update is not None:
+                        self.on_update(self, self.updates)
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (logits.detach().argmax(-1) == y).sum()
+                seen += y.shape[0]
+                if step % a.log_interval == 0 or step == len(self.train_loader) or bar.bar is not None:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    rate = seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9)
+                    bar.update(step, f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.3f} lr {lr:.3g} {rate:.0f} samples/s")
+        finally:
+            bar.close()
+        totals = acc.reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=acc.device)]), reduction="sum")
+        elapsed = time.perf_counter() - t0
+        self.history.append({
+            "epoch": epoch + 1, "updates": self.updates, "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]), "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": float(totals[2]) / elapsed, "seconds": elapsed,
+        })
+
+
+def _print_epoch(record: dict[str, Any]) -> None:
+    ev = record.get("eval", {})
+    parts = [f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}"]
+    for name, m in ev.items():
+        parts.append(f"{name} acc {m['acc']:.4f} nll {m['nll']:.4f}")
+    print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def results_table(title: str, results: dict[str, dict[str, float]]) -> Table:
+    """A rich table: one row per evaluated model or point, columns acc / NLL / ECE / Brier."""
+    table = Table(title=title)
+    for col in ("point", "accuracy", "error %", "NLL", "ECE", "Brier"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for name, m in results.items():
+        table.add_row(name, f"{m['acc']:.4f}", f"{100 * (1 - m['acc']):.2f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}", f"{m['brier']:.4f}")
+    return table
+
+
+def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
+    """Final evaluation (every anchor too), exports and results.json; prints the results table."""
+    acc, out, spec = trainer.accelerator, trainer.output, trainer.spec
+    net = trainer.unwrapped
+    results = trainer.evaluate_now(final=True)
+    if acc.is_main_process:
+        if isinstance(net, Subspace):
+            save_subspace(net, out / "subspace", spec)
+            bn = make_loader(trainer.data.bn, trainer.args.batch_size, shuffle=False)
+            save_model(net.export(bn_loader=bn, bn_batches=trainer.args.bn_batches), out / "exports" / "centre", {**spec, "point": "centre"})
+            for k in range(net.num_anchors):
+                anchor = net.anchor(k)
+                update_bn(anchor, bn, max_batches=trainer.args.bn_batches)
+                save_model(anchor, out / "exports" / f"anchor{k}", {**spec, "point": f"anchor{k}"})
+        else:
+            save_model(net, out / "model", spec)
+        write_json({"title": title, "results": results}, out / "results.json")
+        Console().print(results_table(title, results))
+    acc.wait_for_everyone()
+    return results
+
+
+def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, Any]:
+    """The whole of ``recipes/train.py``: validate, build, train (or resume), evaluate, export."""
+    if args.resume:
+        args.output = args.resume
+    validate_train_args(args)
+    out = prepare_output(args)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    data, model, spec = build_data_and_model(args)
+    net = wrap_subspace(args, model, rank=accelerator.process_index)
+    if accelerator.is_main_process:
+        save_config(args, str(out / "config.yaml"))
+    trainer = Trainer(args, net, data, spec, accelerator, out)
+    status = trainer.fit(resume=bool(args.resume), train_epochs=getattr(args, "stop_after_epochs", None))
+    if not status["finished"]:
+        accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {out}")
+        return {"finished": False}
+    return {"finished": True, "results": finish_run(trainer, title)}
