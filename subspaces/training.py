@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -58,11 +59,15 @@ class NonFiniteLossError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------- setup
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler."""
+    """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler.
+
+    Without an accelerator device it runs on the CPU explicitly (``cpu=True``): that is how
+    accelerate picks up the ranks of ``torchrun --nproc_per_node N`` on CPU machines (gloo).
+    """
     return Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
-        cpu=getattr(args, "cpu", False),
+        cpu=getattr(args, "cpu", False) or not torch.accelerator.is_available(),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
@@ -264,6 +269,8 @@ class Trainer:
     scheduler: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
     updates: int = 0
+    examples_seen: int = 0     # this rank, this process: with input_sum, a fingerprint of its shard
+    input_sum: float = 0.0
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -368,6 +375,8 @@ class Trainer:
                     self._step_scheduler()
                     if self.on_update is not None:
                         self.on_update(self, self.updates)
+                self.examples_seen += y.shape[0]
+                self.input_sum += float(x.detach().double().sum())
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
@@ -422,8 +431,21 @@ def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
             save_model(net, out / "model", spec)
         write_json({"title": title, "results": results}, out / "results.json")
         Console().print(results_table(title, results))
+    write_json(rank_report(trainer, results), out / "ranks" / f"rank{acc.process_index}.json")
     acc.wait_for_everyone()
     return results
+
+
+def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
+    """What this rank did: its data shard's fingerprint (count, sum of inputs), a digest of its
+    final weights and the metrics it computed; written per rank to check distributed runs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainer.unwrapped.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    acc = trainer.accelerator
+    return {"rank": acc.process_index, "world_size": acc.num_processes, "examples_seen": trainer.examples_seen,
+            "input_sum": trainer.input_sum, "weights_sha256": digest.hexdigest(), "results": results}
 
 
 def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, Any]:
