@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts, LRScheduler
 
@@ -169,3 +171,20 @@ class SSESchedule(_IterationMixin, CosineAnnealingWarmRestarts):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def garipov_lr_factor(progress: float) -> float:
+    """[G]'s curve-fitting schedule as a multiple of the base lr, at ``progress`` = update / total:
+    1 for the first half, then linear decay to 0.01 by 90% of training, 0.01 after."""
+    if progress <= 0.5:
+        return 1.0
+    if progress <= 0.9:
+        return 1.0 - 0.99 * (progress - 0.5) / 0.4
+    return 0.01
+
+
+def garipov_schedule(optimizer: torch.optim.Optimizer, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepped once per update with :func:`garipov_lr_factor` (SCIENCE.md §2)."""
+    if total_updates < 1:
+        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor(u / total_updates))

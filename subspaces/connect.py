@@ -1,0 +1,62 @@
+"""Fitting a curve between two trained networks ([G], SCIENCE.md §2), on the shared Trainer."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from .config import ConfigError, save_config
+from .data import build_datasets
+from .io import load_model
+from .schedules import garipov_schedule
+from .shapes import Bezier, PolyChain, check_same_architecture
+from .training import Trainer, finish_run, make_accelerator, prepare_output
+
+
+def validate_connect_args(args: argparse.Namespace) -> None:
+    if args.degree is not None and args.curve != "bezier":
+        raise ConfigError("--degree applies to --curve bezier, not polychain (use --bends)")
+    if args.bends is not None and args.curve != "polychain":
+        raise ConfigError("--bends applies to --curve polychain, not bezier (use --degree)")
+    if args.sched not in ("garipov", "none"):
+        raise ConfigError(f"--sched {args.sched}: curve fitting uses [G]'s schedule ('garipov') or a constant lr ('none')")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+
+
+def run_connect(args: argparse.Namespace) -> dict[str, Any]:
+    """Load both ends, build the curve, train its interior anchors, evaluate and export."""
+    if args.resume:
+        args.output = args.resume
+    validate_connect_args(args)
+    model_a, model_b = load_model(args.model_a), load_model(args.model_b)
+    try:
+        check_same_architecture([model_a, model_b])
+    except ValueError as err:
+        raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
+    spec = dict(model_a.spec)
+    args.dataset = args.dataset or spec.get("dataset", "fashion-mnist")
+    out = prepare_output(args)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    data = build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
+                          train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed, model=model_a)
+    seed = args.seed if args.same_point else args.seed + 100_003 * accelerator.process_index
+    if args.curve == "bezier":
+        curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed)
+    else:
+        curve = PolyChain.connect(model_a, model_b, bends=args.bends if args.bends is not None else 1, sampling=args.sampling, seed=seed)
+    if accelerator.is_main_process:
+        save_config(args, str(out / "config.yaml"))
+    make_scheduler = None
+    if args.sched == "garipov":
+        make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs)  # noqa: E731
+    trainer = Trainer(args, curve, data, spec, accelerator, out, make_scheduler=make_scheduler)
+    status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
+    if not status["finished"]:
+        accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {out}")
+        return {"finished": False}
+    title = f"{args.curve} between {args.model_a} and {args.model_b}"
+    return {"finished": True, "results": finish_run(trainer, title)}
