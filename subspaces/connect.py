@@ -8,11 +8,10 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from .config import ConfigError, save_config
-from .data import build_datasets
 from .io import load_model
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
-from .training import Trainer, finish_run, make_accelerator, prepare_output
+from .training import Trainer, build_data_for_spec, finish_run, make_accelerator, prepare_output
 
 
 def validate_connect_args(args: argparse.Namespace) -> None:
@@ -37,12 +36,10 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
     spec = dict(model_a.spec)
-    args.dataset = args.dataset or spec.get("dataset", "fashion-mnist")
     out = prepare_output(args)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    data = build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
-                          train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed, model=model_a)
+    data = build_data_for_spec(args, spec, model_a)
     seed = args.seed if args.same_point else args.seed + 100_003 * accelerator.process_index
     if args.curve == "bezier":
         curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed)

@@ -112,6 +112,14 @@ def build_data_and_model(args: argparse.Namespace) -> tuple[DataBundle, nn.Modul
     return data, model, spec
 
 
+def build_data_for_spec(args: argparse.Namespace, spec: dict[str, Any], model: nn.Module) -> DataBundle:
+    """The dataset a trained model was made for (``spec``), unless ``--dataset`` says otherwise."""
+    args.dataset = args.dataset or spec.get("dataset", "fashion-mnist")
+    return build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
+                          train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout,
+                          seed=args.seed, model=model)
+
+
 def wrap_subspace(args: argparse.Namespace, model: nn.Module, rank: int = 0) -> nn.Module:
     """The model itself (``--subspace none``) or a subspace of it learned from scratch."""
     if args.subspace == "none":

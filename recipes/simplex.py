@@ -1,0 +1,35 @@
+"""SPRO [B]: grow a simplex of low-loss networks from a trained network, one vertex at a time.
+
+Each new vertex starts at the centroid of the current ones (which are frozen) and is trained for
+--epochs epochs on E_{p~Dirichlet(1)} L(w(p)) - lambda * log Vol(simplex). Several checkpoints give
+ESPRO: one simplex per network, predictions averaged over points sampled from all of them.
+
+    accelerate launch recipes/simplex.py runs/a --vertices 3 --epochs 5
+    accelerate launch recipes/simplex.py runs/a runs/b runs/c --vertices 3 --samples 5   # ESPRO
+"""
+
+import argparse
+import sys
+
+from subspaces import cli, config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="trained networks: run folders or .safetensors exports")
+    g = p.add_argument_group("simplex")
+    g.add_argument("--vertices", type=int, default=3, help="vertices of each simplex, the trained network included (default: %(default)s)")
+    g.add_argument("--volume-lambda", type=float, default=1e-3, help="weight of -log(volume) (default: %(default)s)")
+    g.add_argument("--samples", type=int, default=5, help="points sampled from each simplex for its ensemble (default: %(default)s)")
+    config.add_data_args(p)
+    config.add_optim_args(p, lr=0.01, epochs=5, sched="cosine", wd=5e-4)
+    config.add_run_args(p, output="runs/simplex")
+    p.set_defaults(dataset=None)
+    args = cli.parse(p, argv)
+    from subspaces.spro import run_spro
+
+    return cli.run(lambda: run_spro(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""SPRO and ESPRO [B] (SCIENCE.md §5): grow simplexes from trained networks, one vertex at a time.
+
+SPRO: vertex 0 is a trained network (frozen); each new vertex starts at the centroid of the
+current ones, which are frozen, and is trained on E_{p ~ Dirichlet(1)} L(w(p)) - lambda log Vol.
+ESPRO: one SPRO simplex per trained network; predict with the average probability of points
+sampled from every simplex (BatchNorm recomputed at each point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+from rich.console import Console
+
+from .config import ConfigError, save_config
+from .data import make_loader
+from .ensembles import Ensemble, evaluate
+from .io import load_model, load_subspace, write_json
+from .shapes import Simplex, check_same_architecture
+from .training import Trainer, build_data_for_spec, finish_run, make_accelerator, prepare_output, results_table
+
+
+def validate_spro_args(args: argparse.Namespace) -> None:
+    if args.vertices < 2:
+        raise ConfigError(f"--vertices {args.vertices}: a simplex needs at least 2 vertices")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs (per added vertex) must be >= 1, got {args.epochs}")
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    if args.volume_lambda < 0:
+        raise ConfigError(f"--volume-lambda must be >= 0, got {args.volume_lambda}")
+
+
+def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerator: Any, index: int) -> Simplex:
+    """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``."""
+    base = load_model(base_path)
+    spec = dict(base.spec)
+    data = build_data_for_spec(args, spec, base)
+    sub: Simplex | None = None
+    for v in range(1, args.vertices):
+        stage = out / f"vertex{v}"
+        if (stage / "subspace.safetensors").exists():
+            sub = load_subspace(stage)  # type: ignore[assignment]
+            accelerator.print(f"simplex {index}: vertex {v} already trained, reused from {stage}")
+            continue
+        if sub is None:
+            seed = args.seed + 1000 * index + 100_003 * accelerator.process_index
+            sub = Simplex.connect([base], new_vertices=1, seed=seed)
+        else:
+            sub.add_vertex()
+        stage.mkdir(parents=True, exist_ok=True)
+        stage_args = copy.copy(args)
+        stage_args.output = str(stage)
+        if accelerator.is_main_process:
+            save_config(stage_args, str(stage / "config.yaml"))
+        trainer = Trainer(stage_args, sub, data, spec, accelerator, stage)
+        resume = (stage / "checkpoint" / "progress.json").exists() or (stage / "checkpoint.old" / "progress.json").exists()
+        trainer.fit(resume=resume)
+        finish_run(trainer, f"simplex {index}, {v + 1} vertices")
+        sub = trainer.unwrapped  # type: ignore[assignment]
+    assert sub is not None
+    return sub
+
+
+def run_spro(args: argparse.Namespace) -> dict[str, Any]:
+    """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
+    if args.resume:
+        args.output = args.resume
+    validate_spro_args(args)
+    bases = [load_model(p) for p in args.checkpoints]
+    try:
+        check_same_architecture(bases)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = prepare_output(args)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        save_config(args, str(out / "config.yaml"))
+    simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
+    data = build_data_for_spec(args, dict(bases[0].spec), bases[0])
+    bn = make_loader(data.bn, args.batch_size, shuffle=False)
+    eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
+    results: dict[str, dict[str, float]] = {}
+    members = []
+    for i, sub in enumerate(simplexes):
+        points = [sub.sample(sub.generator) for _ in range(args.samples)]
+        exported = [sub.export(p, bn_loader=bn, bn_batches=args.bn_batches) for p in points]
+        results[f"simplex{i} (1 sample)"] = evaluate(exported[0], eval_loader, accelerator=accelerator)
+        results[f"simplex{i} ({args.samples} samples)"] = evaluate(Ensemble(exported), eval_loader, accelerator=accelerator)
+        members += exported
+    for i, base in enumerate(bases):
+        results[f"network{i}"] = evaluate(base, eval_loader, accelerator=accelerator)
+    if len(bases) > 1:
+        results[f"ensemble of the {len(bases)} networks"] = evaluate(Ensemble(bases), eval_loader, accelerator=accelerator)
+        results[f"ESPRO ({len(bases)} simplexes x {args.samples} samples)"] = evaluate(Ensemble(members), eval_loader, accelerator=accelerator)
+    if accelerator.is_main_process:
+        write_json({"title": "SPRO/ESPRO", "results": results, "vertices": args.vertices,
+                    "epochs_per_vertex": args.epochs, "samples": args.samples}, out / "results.json")
+        Console().print(results_table("SPRO / ESPRO", results))
+    return {"finished": True, "results": results}
