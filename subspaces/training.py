@@ -48,7 +48,7 @@ from .bn import update_bn
 from .config import ConfigError, save_config
 from .data import DataBundle, build_datasets, make_loader
 from .ensembles import evaluate
-from .io import SHAPES, save_model, save_subspace, write_json
+from .io import SHAPES, CheckpointError, save_model, save_subspace, write_json
 from .regularizers import cosine_penalty, log_volume
 from .subspace import Subspace
 
@@ -233,8 +233,12 @@ def _checkpoint_dir(out: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any]) -> None:
-    """accelerate.save_state into a temporary folder, then renamed over ``checkpoint/`` (atomic)."""
+def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any], scheduler: Any = None) -> None:
+    """accelerate.save_state into a temporary folder, then renamed over ``checkpoint/`` (atomic).
+
+    The scheduler's state goes to ``scheduler.pt`` (plain tensors and numbers, read back with
+    ``torch.load(weights_only=True)``) instead of accelerate's pickled custom objects.
+    """
     tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,6 +246,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         with open(tmp / "progress.json", "w") as f:
             json.dump(progress, f)
             f.flush()
@@ -296,8 +302,6 @@ class Trainer:
         elif a.sched != "none":
             self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=a.sched, num_epochs=a.epochs, warmup_epochs=a.warmup_epochs,
                                                    min_lr=a.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
-        if self.scheduler is not None:
-            acc.register_for_checkpointing(self.scheduler)
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -331,8 +335,13 @@ class Trainer:
         metrics_path = out / "metrics.jsonl"
         ckpt = _checkpoint_dir(out) if resume else None
         if ckpt is not None:
-            acc.load_state(str(ckpt))
-            progress = json.loads((ckpt / "progress.json").read_text())
+            try:
+                acc.load_state(str(ckpt))
+                progress = json.loads((ckpt / "progress.json").read_text())
+                if self.scheduler is not None:
+                    self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            except Exception as err:  # a damaged checkpoint: name it, never train from a half-loaded state
+                raise CheckpointError(f"cannot resume from {ckpt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
             start, self.updates = progress["epoch"], progress["updates"]
             acc.print(f"resumed from {ckpt} after epoch {start}")
             if acc.is_main_process and metrics_path.exists():
@@ -351,7 +360,7 @@ class Trainer:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 _print_epoch(record)
-            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates})
+            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates}, self.scheduler)
         return {"epochs_done": stop, "finished": stop == a.epochs}
 
     def _train_epoch(self, epoch: int) -> None:
