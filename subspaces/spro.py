@@ -21,7 +21,7 @@ from .data import make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
-from .training import Trainer, build_data_for_spec, finish_run, make_accelerator, prepare_output, results_table
+from .training import Trainer, bn_loader, build_data_for_spec, finish_run, make_accelerator, prepare_output, results_table
 
 
 def validate_spro_args(args: argparse.Namespace) -> None:
@@ -83,7 +83,7 @@ def run_spro(args: argparse.Namespace) -> dict[str, Any]:
         save_config(args, str(out / "config.yaml"))
     simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
     data = build_data_for_spec(args, dict(bases[0].spec), bases[0])
-    bn = make_loader(data.bn, args.batch_size, shuffle=False)
+    bn = bn_loader(data, args.batch_size)
     eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
     results: dict[str, dict[str, float]] = {}
     members = []

@@ -46,7 +46,7 @@ from torch import nn
 
 from .bn import update_bn
 from .config import ConfigError, save_config
-from .data import DataBundle, build_datasets, make_loader
+from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .io import SHAPES, CheckpointError, save_model, save_subspace, write_json
 from .regularizers import cosine_penalty, log_volume
@@ -107,9 +107,29 @@ def build_data_and_model(args: argparse.Namespace) -> tuple[DataBundle, nn.Modul
         raise ConfigError(f"--num-classes {num_classes} is smaller than the {data.num_classes} classes of {args.dataset}")
     model, kwargs = create_timm_model(args, num_classes, args.in_chans or data.in_chans)
     data = build_datasets(args.dataset, in_chans=args.in_chans or data.in_chans, model=model, **common)
+    if args.img_size is None and not _accepts(model, data.in_chans, data.img_size):
+        size = infer_input_spec(model)[1]
+        if size is None or not _accepts(model, data.in_chans, size):
+            raise ConfigError(f"{args.model} does not run on {data.img_size}px inputs; pass --img-size with a size it accepts")
+        print(f"{args.model} needs larger inputs than {data.img_size}px: images are resized to {size}px", file=sys.stderr)
+        common["img_size"] = size
+        data = build_datasets(args.dataset, in_chans=data.in_chans, model=model, **common)
     spec = {"model": args.model, "num_classes": num_classes, "in_chans": data.in_chans, "model_kwargs": kwargs,
             "img_size": data.img_size, "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset}
     return data, model, spec
+
+
+def _accepts(model: nn.Module, in_chans: int, size: int) -> bool:
+    """Whether ``model`` runs on a [2, in_chans, size, size] input (a probe forward, eval mode)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, in_chans, size, size))
+        return True
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    finally:
+        model.train(was_training)
 
 
 def build_data_for_spec(args: argparse.Namespace, spec: dict[str, Any], model: nn.Module) -> DataBundle:
@@ -178,10 +198,16 @@ def prepare_output(args: argparse.Namespace) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
+def bn_loader(data: DataBundle, batch_size: int) -> Any:
+    """Unaugmented images for BatchNorm recomputation: the held-out split if there is one
+    (``--holdout N``), else the training images without augmentation. Same on every rank."""
+    return make_loader(data.holdout if data.holdout is not None else data.bn, batch_size, shuffle=False)
+
+
 def eval_plain(model: nn.Module, data: DataBundle, args: argparse.Namespace, accelerator: Accelerator, eval_loader: Any, recompute_bn: bool = True) -> dict[str, float]:
     """Metrics of a plain model, its BatchNorm recomputed on the (unaugmented) training data first."""
     if recompute_bn:
-        update_bn(model, make_loader(data.bn, args.batch_size, shuffle=False), max_batches=args.bn_batches)
+        update_bn(model, bn_loader(data, args.batch_size), max_batches=args.bn_batches)
     return evaluate(model.to(accelerator.device), eval_loader, num_classes=data.num_classes, accelerator=accelerator)
 
 
@@ -204,6 +230,7 @@ class _Progress:
         self.tty = self.console.is_terminal
         self.total, self.log_interval, self.label = total, max(1, log_interval), f"epoch {epoch + 1}/{epochs}"
         self.bar: Progress | None = None
+        self.start = time.perf_counter()
         if self.enabled and self.tty:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
@@ -216,7 +243,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.log_interval == 0 or step == self.total:
-            print(f"{self.label} step {step}/{self.total} {info}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / step * (self.total - step)
+            print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -438,7 +467,7 @@ def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
     if acc.is_main_process:
         if isinstance(net, Subspace):
             save_subspace(net, out / "subspace", spec)
-            bn = make_loader(trainer.data.bn, trainer.args.batch_size, shuffle=False)
+            bn = bn_loader(trainer.data, trainer.args.batch_size)
             save_model(net.export(bn_loader=bn, bn_batches=trainer.args.bn_batches), out / "exports" / "centre", {**spec, "point": "centre"})
             for k in range(net.num_anchors):
                 anchor = net.anchor(k)
