@@ -64,6 +64,10 @@ def update_bn(
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for the whole loader), got {max_batches}")
+    if point is not None:
+        if not isinstance(model, Subspace):
+            raise TypeError(f"point= needs a Subspace, got a plain {type(model).__name__}")
+        model.validate_point(point)
     bns = batchnorm_modules(model)
     if not bns:
         return model
@@ -75,8 +79,6 @@ def update_bn(
     if isinstance(model, Subspace):
         fixed = model._fixed is not None
         context: Any = model.at(point) if point is not None else (contextlib.nullcontext() if fixed else model.at(model.centre()))
-    elif point is not None:
-        raise TypeError(f"point= needs a Subspace, got a plain {type(model).__name__}")
     else:
         context = contextlib.nullcontext()
     device = _device_of(model)

@@ -75,7 +75,12 @@ class _Curve(Subspace):
     def _connect_sources(self, ends: list[list[Tensor]]) -> list[list[Tensor]]:
         a, b = ends
         K = self.num_anchors
-        return [[(x + (k / (K - 1)) * (y - x)).clone() for x, y in zip(a, b)] for k in range(K)]
+        def point(k: int) -> list[Tensor]:   # the ends are exact copies; interior anchors on the segment
+            if k in (0, K - 1):
+                return [(x if k == 0 else y).clone() for x, y in zip(a, b)]
+            return [x + (k / (K - 1)) * (y - x) for x, y in zip(a, b)]
+
+        return [point(k) for k in range(K)]
 
     @classmethod
     def connect(cls, model_a: nn.Module, model_b: nn.Module, **kwargs: Any) -> Any:
@@ -173,6 +178,8 @@ class Simplex(Subspace):
         if p.ndim != 1 or p.shape[0] != K:
             raise ValueError(f"a Simplex point has {K} barycentric coordinates (one per vertex), got shape {tuple(p.shape)}")
         if not _is_compiling():
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(f"simplex point {p.tolist()} is not finite: barycentric coordinates are numbers >= 0 summing to 1")
             if bool((p < -1e-6).any()):
                 raise ValueError(f"simplex point {p.tolist()} has a negative coordinate: barycentric coordinates are >= 0")
             if abs(float(p.sum()) - 1) > 1e-4:

@@ -30,35 +30,86 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .init import reinitialize
+
 Point = Union[float, Sequence[float], Tensor]
 InitFn = Callable[[nn.Module], None]
 
 SAMPLING_MODES = ("global", "layerwise", "arc_length")
 
 
-class _Mix(torch.autograd.Function):
-    """w = sum_k c_k * W_k for one flat group; backward gives dL/dW_k = c_k * dL/dw.
+def _per_piece(device: torch.device) -> bool:
+    """Mix/scatter per parameter tensor (CPU, eager) rather than through one flat buffer.
 
-    coeffs: Tensor[K] (one point) or Tensor[K, n] (layerwise: a coefficient per element);
-    anchors: K tensors of n elements each (shape (n,) or (1, n)). Returns a tensor shaped like
-    the anchors, in their dtype (also under autocast: only elementwise ops are used).
+    On CPU a fresh tensor above glibc's mmap threshold (32 MiB at most) is new zeroed pages on
+    every step, and faulting them in costs more than the arithmetic (~15 ms for resnet18's
+    45 MB); per-parameter tensors come from the malloc heap like the plain model's. On GPU (and
+    in compiled graphs) one flat kernel per anchor is cheaper than a kernel per tensor.
+    """
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class _Mix(torch.autograd.Function):
+    """Mixed weights of one flat group, one tensor per parameter: w_i = sum_k c_k W_k[i].
+
+    Inputs: ``numels`` / ``shapes`` of the group's parameters (constants), ``coeffs``: Tensor[K]
+    (one point) or Tensor[K, n_params] (layerwise: a coefficient per parameter tensor), and the
+    K flat anchors (shape (n,) or (1, n)). Returns one tensor per parameter, shaped, in the
+    anchors' dtype (also under autocast: only elementwise ops are used). Backward writes
+    dL/dW_k = c_k * dL/dw straight into one flat gradient per anchor that needs one: no
+    concatenated dL/dw, no per-element coefficient tensor, nothing for frozen anchors.
     """
 
     @staticmethod
-    def forward(ctx: Any, coeffs: Tensor, *anchors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, numels: tuple[int, ...], shapes: tuple[torch.Size, ...], coeffs: Tensor, *anchors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.save_for_backward(coeffs)
-        out = torch.mul(anchors[0], coeffs[0])
-        for anchor, c in zip(anchors[1:], coeffs[1:]):
-            out.addcmul_(anchor, c)
-        return out
+        ctx.numels, ctx.anchor_shape, ctx.anchor_dtype = numels, anchors[0].shape, anchors[0].dtype
+        ctx.set_materialize_grads(False)
+        if coeffs.ndim == 1 and not _per_piece(anchors[0].device):
+            flat = torch.mul(anchors[0], coeffs[0])
+            for anchor, c in zip(anchors[1:], coeffs[1:]):
+                flat.addcmul_(anchor, c)
+            pieces = flat.reshape(-1).split(numels)
+        else:
+            n = len(numels)
+            cs = [c.unbind() if c.ndim else [c] * n for c in coeffs]   # per-parameter coefficients
+            first = anchors[0].reshape(-1).split(numels)
+            pieces = torch._foreach_mul(first, coeffs[0]) if coeffs.ndim == 1 else torch._foreach_mul(first, cs[0])
+            for anchor, c in zip(anchors[1:], cs[1:]):
+                torch._foreach_addcmul_(pieces, anchor.reshape(-1).split(numels), c)
+        return tuple(piece.view(shape) for piece, shape in zip(pieces, shapes))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (coeffs,) = ctx.saved_tensors
-        grads: list[Tensor | None] = [None]
-        for k, needed in enumerate(ctx.needs_input_grad[1:]):
-            grads.append(grad * coeffs[k] if needed else None)
-        return tuple(grads)
+        needed = [k for k, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        out: list[Tensor | None] = [None] * (3 + len(ctx.needs_input_grad[3:]))
+        if not needed:
+            return tuple(out)
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:   # no output reached the loss
+            for k in needed:
+                out[3 + k] = coeffs.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype)
+            return tuple(out)
+        numels, layerwise = ctx.numels, coeffs.ndim == 2
+        if layerwise or _per_piece(ref.device):
+            # one pass per anchor, written in place into that anchor's fresh flat gradient
+            for k in needed:
+                flat = torch.empty(ctx.anchor_shape, dtype=ctx.anchor_dtype, device=ref.device)
+                cs = coeffs[k].unbind() if layerwise else [coeffs[k]] * len(numels)
+                for dst, g, c in zip(flat.view(-1).split(numels), grads, cs):
+                    if g is None:
+                        dst.zero_()
+                    else:
+                        torch.mul(g, c, out=dst.view(g.shape))
+                out[3 + k] = flat
+            return tuple(out)
+        flat = torch.cat([g.reshape(-1) if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)])
+        flat = flat.to(ctx.anchor_dtype).view(ctx.anchor_shape)
+        for k in needed[:-1]:
+            out[3 + k] = flat * coeffs[k]
+        out[3 + needed[-1]] = flat.mul_(coeffs[needed[-1]])   # the concatenation is ours: reuse it
+        return tuple(out)
 
 
 @dataclass
@@ -84,25 +135,6 @@ class _Group:
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
-
-
-def _reinit(model: nn.Module) -> None:
-    """Re-draw a model's weights with its own initialisation: every module's
-    ``reset_parameters()``, then the model's ``init_weights()`` (timm's convention) if it has one."""
-    for name, module in model.named_modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            try:
-                reset()
-            except TypeError as err:
-                raise TypeError(
-                    f"cannot re-initialise module '{name or type(module).__name__}': its "
-                    f"reset_parameters() needs arguments ({err}); pass init=<callable> to the "
-                    "subspace, or exclude= its parameters"
-                ) from err
-    init_weights = getattr(model, "init_weights", None)
-    if callable(init_weights):
-        init_weights()
 
 
 class Subspace(nn.Module):
@@ -226,7 +258,7 @@ class Subspace(nn.Module):
                 continue
             if exclude is not None and _matches(name, exclude):
                 continue
-            if not p.is_floating_point():
+            if not p.is_floating_point() or not p.requires_grad:   # frozen parameters stay shared and frozen
                 continue
             decay = not (p.ndim <= 1 or name.endswith(".bias") or _matches(name, no_decay))
             key = (p.dtype, decay)
@@ -264,7 +296,7 @@ class Subspace(nn.Module):
         for _ in range(self.num_anchors):
             copy_k = copy.deepcopy(model)
             with torch.no_grad():
-                (init if callable(init) else _reinit)(copy_k)
+                (init if callable(init) else reinitialize)(copy_k)
                 if init == "reinit":
                     for name, p in copy_k.named_parameters():
                         if name in wanted and p.numel() > 1 and torch.equal(p, original[name]):
@@ -325,7 +357,11 @@ class Subspace(nn.Module):
             self._fixed = previous
 
     def _check_trainable(self) -> None:
-        if torch.is_grad_enabled() and not any(self.anchor_trainable(k) for k in range(self.num_anchors)):
+        if (
+            torch.is_grad_enabled()
+            and not any(self.anchor_trainable(k) for k in range(self.num_anchors))
+            and not any(p.requires_grad for p in self.model.parameters())   # shared parameters may still train
+        ):
             raise RuntimeError(
                 "every anchor of this subspace is frozen, so training it changes nothing in the "
                 "subspace: call unfreeze_anchor(k), or evaluate under torch.no_grad() / eval()"
@@ -352,35 +388,41 @@ class Subspace(nn.Module):
         return (edges[cell] + u * (edges[cell + 1] - edges[cell])).float()
 
     # ------------------------------------------------------------------ mixing and binding
-    def _mix(self, coeffs: Tensor) -> list[Tensor]:
-        """Mixed flat weights per group at coefficients Tensor[K] or Tensor[K, num_modules]."""
-        out = []
+    def _mix(self, coeffs: Tensor, pieces: bool = False) -> list[Any]:
+        """Mixed weights per group at coefficients Tensor[K] or Tensor[K, num_modules]: one flat
+        tensor per group (shaped like the anchors), or with ``pieces=True`` a tuple of the group's
+        parameter tensors, shaped (what :meth:`forward` binds; no split, view or copy needed)."""
+        out: list[Any] = []
         for g in self._groups:
             anchors = [self.anchors[k][g.name] for k in range(self.num_anchors)]
             c = coeffs.to(device=anchors[0].device, dtype=g.dtype, non_blocking=True)
-            if c.ndim == 2:   # layerwise: expand per-module coefficients to every element
-                c = torch.repeat_interleave(c[:, getattr(self, f"_modidx_{g.name}")], getattr(self, f"_numels_{g.name}"), dim=1)
-                if g.decay:
-                    c = c.unsqueeze(1)
-            out.append(_Mix.apply(c, *anchors))
+            if c.ndim == 2:   # layerwise: the coefficients of the module owning each parameter
+                c = c[:, getattr(self, f"_modidx_{g.name}")]
+            mixed = _Mix.apply(tuple(g.numels), tuple(g.shapes), c, *anchors)
+            if not pieces:
+                mixed = torch.cat([m.reshape(-1) for m in mixed]).reshape(g.storage_shape())
+            out.append(mixed)
         return out
 
-    def _bind(self, flats: list[Tensor], detach: bool = False) -> None:
-        for g, flat in zip(self._groups, flats):
-            if detach:
-                flat = flat.detach()
-            for piece, shape, owners in zip(torch.split(flat.reshape(-1), g.numels), g.shapes, g.owners):
-                tensor = piece.view(shape)
+    def _bind(self, mixed: list[Any], detach: bool = False) -> None:
+        """Bind mixed weights (per group: a flat tensor or a tuple of parameter tensors) into
+        the owning modules' ``__dict__``."""
+        for g, group in zip(self._groups, mixed):
+            if isinstance(group, Tensor):
+                group = [p.view(shape) for p, shape in zip(torch.split(group.reshape(-1), g.numels), g.shapes)]
+            for tensor, owners in zip(group, g.owners):
+                if detach:
+                    tensor = tensor.detach()
                 for module, attr in owners:
                     module.__dict__[attr] = tensor
 
     def forward(self, *args: Any, point: Point | None = None, **kwargs: Any) -> Any:
-        flats = self._mix(self._coeffs_for(point))
-        self._bind(flats)
+        mixed = self._mix(self._coeffs_for(point), pieces=True)
+        self._bind(mixed)
         try:
             return self.model(*args, **kwargs)
         finally:
-            self._bind(flats, detach=True)   # keep no autograd history on the model between calls
+            self._bind(mixed, detach=True)   # keep no autograd history on the model between calls
 
     # ------------------------------------------------------------------ anchors
     def _check_k(self, k: int) -> int:
