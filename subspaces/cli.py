@@ -1,16 +1,22 @@
 """What every recipe and analysis script does around its work: parse, resume, clear errors.
 
-Bad input exits with status 2 and one line naming the problem (no traceback); a non-finite
-loss exits with status 3 after keeping the last good checkpoint.
+Bad input exits with status 2 and one line naming the problem (no traceback); a failed read or
+write (disk full, permissions) exits with status 1 and one line; a non-finite loss exits with
+status 3 after keeping the last good checkpoint. ``SUBSPACES_DEBUG=1`` re-raises instead, with the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .config import ConfigError, parse_with_config, read_config
 
@@ -23,31 +29,72 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
     try:
         args = parse_with_config(p, argv)
     except ConfigError as err:
-        p.exit(2, f"{p.prog}: error: {err}\n")
+        p.exit(2, f"{p.prog}: error: {one_line(err)}\n")
     if getattr(args, "resume", None):
-        cfg = Path(args.resume) / "config.yaml"
+        run_dir = Path(args.resume)
+        cfg = run_dir / "config.yaml"
+        if not run_dir.is_dir():
+            p.exit(2, f"{p.prog}: error: --resume {args.resume}: no such folder\n")
         if not cfg.exists():
             p.exit(2, f"{p.prog}: error: --resume {args.resume}: no config.yaml there; is it a run folder?\n")
-        saved = read_config(str(cfg))
+        try:
+            saved = read_config(str(cfg))
+            if not isinstance(saved, dict):
+                raise ValueError("it does not hold a mapping of flag names to values")
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            p.exit(2, f"{p.prog}: error: --resume {args.resume}: cannot read {cfg}: {one_line(err)}\n")
+        foreign = sorted(key for key in saved if not hasattr(args, key))
+        if foreign:
+            p.exit(2, f"{p.prog}: error: --resume {args.resume}: {cfg} has keys this recipe does not know "
+                      f"({', '.join(foreign[:4])}): is it a run of another recipe?\n")
         for key, value in saved.items():
             if key not in _JOB_FLAGS and hasattr(args, key):
                 setattr(args, key, value)
     return args
 
 
+def one_line(err: BaseException | str) -> str:
+    """An error message on one line: its lines joined (a multi-line hint stays readable)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return " ".join(lines) if lines else type(err).__name__
+
+
+def check_dataset_name(name: str | None) -> None:
+    """Raise ConfigError for a --dataset value that is none of the known names (suggesting one)."""
+    from .data import DATASETS
+
+    if name is None or name in DATASETS:
+        return
+    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
+        return
+    close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown --dataset {name!r}{hint}; valid: {', '.join(DATASETS)} or imagefolder:PATH")
+
+
 def run(job: Callable[[], Any]) -> int:
-    """Run ``job``; known failures become one line on stderr and a non-zero exit status."""
+    """Run ``job``; known failures become one line on stderr and a non-zero exit status.
+
+    2: bad input (flags, config, missing data, unreadable or unfitting files, other ValueErrors);
+    1: an operating-system error while reading or writing (disk full, permissions);
+    3: a non-finite loss (the last good checkpoint is kept).
+    """
     from .io import CheckpointError
     from .training import NonFiniteLossError
 
     try:
-        result = job()
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        job()
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    if isinstance(result, dict) and result.get("finished") is False:
-        return 0
+        return _fail(err, 3)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        return _fail(err, 2)
+    except OSError as err:
+        return _fail(err, 1)
     return 0
+
+
+def _fail(err: BaseException, status: int) -> int:
+    if os.environ.get("SUBSPACES_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise err
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    return status

@@ -118,9 +118,12 @@ def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def save_config(args: argparse.Namespace | dict[str, Any], path: str) -> None:
+    """Write the resolved flags as YAML, atomically (a temporary file renamed over ``path``)."""
+    from .io import atomic_path
+
     data = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-    with open(path, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
 
 
 def read_config(path: str) -> dict[str, Any]:

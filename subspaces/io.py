@@ -12,6 +12,7 @@ target, so a job killed mid-save leaves the previous file intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,7 +45,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:   # disk full, permissions: name the file, leave nothing behind
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         if path.is_dir() and tmp.is_dir():
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -64,11 +68,34 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist: every .safetensors export has a .json spec beside it") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupted") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a model spec (a JSON object expected): the file is corrupted or of another kind")
+    return data
+
+
+def _check_spec(spec: dict[str, Any], path: Path, *keys: str) -> None:
+    missing = [k for k in ("model", "num_classes", "in_chans", *keys) if k not in spec]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a model spec written by subspaces (corrupted?)")
+
+
+def _check_digest(path: Path, spec: dict[str, Any], spec_path: Path) -> None:
+    """The weights must be the file the spec was written with (its size and SHA-256, when recorded)."""
+    want = spec.get("weights")
+    if not isinstance(want, dict):
+        return
+    have = file_digest(path)
+    if have["size"] != want.get("size"):
+        raise CheckpointError(f"{path} is truncated or corrupted: {have['size']} bytes, but {spec_path} records {want.get('size')}")
+    if have["sha256"] != want.get("sha256"):
+        raise CheckpointError(f"{path} is corrupted or was replaced: its SHA-256 differs from the one recorded in {spec_path}")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -80,10 +107,68 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {err} (truncated or corrupted file?)") from None
 
 
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def verify_checkpoint(d: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint folder before resuming from it; returns its ``progress.json``.
+
+    ``progress.json`` must be valid, and every file listed in ``manifest.json`` (``{name: {size,
+    sha256}}``, written by the training loop's save_checkpoint) must have the recorded size and
+    SHA-256. Raises CheckpointError naming the damaged file. Listed files absent here are skipped
+    (per-rank files of other nodes: loading names any that is needed); a checkpoint without a
+    manifest is only checked for its progress.json.
+    """
+    d = Path(d)
+    fix = f"delete {d} to restart the run from scratch, or restore the file"
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((d / name).read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return data
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot resume: {d / name} is truncated or corrupted ({err}); {fix}") from None
+
+    progress = read("progress.json")
+    if not {"epoch", "updates"} <= set(progress):
+        raise CheckpointError(f"cannot resume: {d / 'progress.json'} lacks 'epoch' / 'updates' (corrupted?); {fix}")
+    files = read("manifest.json") if (d / "manifest.json").exists() else {}
+    for name, want in files.items():
+        path = d / name
+        if not path.exists():
+            continue
+        have = file_digest(path)
+        want = want if isinstance(want, dict) else {}
+        if have["size"] != want.get("size"):
+            raise CheckpointError(f"cannot resume: {path} is truncated or corrupted ({have['size']} bytes, "
+                                  f"{want.get('size')} were written); {fix}")
+        if have["sha256"] != want.get("sha256"):
+            raise CheckpointError(f"cannot resume: {path} is corrupted (its SHA-256 differs from the one "
+                                  f"recorded when it was written); {fix}")
+    return progress
+
+
 def create_model(spec: dict[str, Any]) -> nn.Module:
     """A fresh timm model from a spec: ``timm.create_model(spec['model'], num_classes, in_chans, **model_kwargs)``."""
     kwargs = dict(spec.get("model_kwargs") or {})
     return timm.create_model(spec["model"], pretrained=False, num_classes=spec["num_classes"], in_chans=spec["in_chans"], **kwargs)
+
+
+def _create_from(spec: dict[str, Any], spec_path: Path) -> nn.Module:
+    if not timm.is_model(spec["model"]):
+        raise CheckpointError(f"{spec_path}: timm has no model {spec['model']!r} (written by a newer timm, or corrupted?)")
+    try:
+        return create_model(spec)
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{spec_path}: cannot create {spec['model']} from this spec: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any]) -> Path:
@@ -92,16 +177,22 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any]) 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json({**spec, "kind": "model"}, path.with_suffix(".json"))
+        digest = file_digest(tmp)
+    write_json({**spec, "kind": "model", "weights": digest}, path.with_suffix(".json"))
     return path
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Recreate a model written by :func:`save_model` (``path``: the .safetensors, or a run folder)."""
     path = resolve_model_path(path)
-    spec = _read_json(path.with_suffix(".json"))
-    model = create_model(spec)
+    spec_path = path.with_suffix(".json")
+    spec = _read_json(spec_path)
+    _check_spec(spec, spec_path)
+    if spec.get("kind") == "subspace":
+        raise CheckpointError(f"{path} is a subspace, not a plain model: load it with load_subspace, or pass an export (exports/centre.safetensors)")
+    model = _create_from(spec, spec_path)
     state = _load_tensors(path)
+    _check_digest(path, spec, spec_path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -118,6 +209,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
             if candidate.exists():
                 return candidate
         raise CheckpointError(f"{path} holds no model.safetensors or exports/centre.safetensors: is it a finished run?")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run folder or a .safetensors model")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors model or a run folder")
     return path
@@ -143,7 +236,8 @@ def save_subspace(sub: Subspace, path: str | os.PathLike, spec: dict[str, Any]) 
     state = {k: v.detach().contiguous().cpu() for k, v in sub.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json({**spec, "kind": "subspace", "subspace": subspace_spec(sub)}, path.with_suffix(".json"))
+        digest = file_digest(tmp)
+    write_json({**spec, "kind": "subspace", "subspace": subspace_spec(sub), "weights": digest}, path.with_suffix(".json"))
     return path
 
 
@@ -151,16 +245,30 @@ def load_subspace(path: str | os.PathLike) -> Subspace:
     """Recreate a subspace written by :func:`save_subspace` (``path``: the file or a run folder)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "subspace.safetensors").exists():
+            plain = (path / "model.safetensors").exists()
+            what = "a plain model (model.safetensors), not a subspace" if plain else "no subspace.safetensors: is it a finished run?"
+            raise CheckpointError(f"{path} holds {what}; pass the run folder of a --subspace, connect or simplex run")
         path = path / "subspace.safetensors"
-    spec = _read_json(path.with_suffix(".json"))
+    elif not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run folder or its subspace.safetensors")
+    spec_path = path.with_suffix(".json")
+    spec = _read_json(spec_path)
     if spec.get("kind") != "subspace":
         raise CheckpointError(f"{path} is a plain model, not a subspace: pass the run folder of a --subspace run or use load_model")
+    _check_spec(spec, spec_path, "subspace")
     info = spec["subspace"]
-    model = create_model(spec)
+    if not isinstance(info, dict) or info.get("shape") not in SHAPES or not isinstance(info.get("shape_kwargs", {}), dict):
+        raise CheckpointError(f"{spec_path}: 'subspace' is not a shape this version knows (corrupted, or written by another version?)")
+    model = _create_from(spec, spec_path)
     cls = SHAPES[info["shape"]]
-    sub = cls(model, **info["shape_kwargs"], sampling=info["sampling"], include=info.get("include"),
-              exclude=info.get("exclude"), init=lambda m: None)
+    try:
+        sub = cls(model, **info.get("shape_kwargs", {}), sampling=info.get("sampling", "global"), include=info.get("include"),
+                  exclude=info.get("exclude"), init=lambda m: None)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{spec_path}: cannot build its {info['shape']}: {str(err).splitlines()[0]}") from None
     state = _load_tensors(path)
+    _check_digest(path, spec, spec_path)
     try:
         sub.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as err:

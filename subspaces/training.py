@@ -48,7 +48,7 @@ from .bn import update_bn
 from .config import ConfigError, save_config
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
-from .io import SHAPES, CheckpointError, save_model, save_subspace, write_json
+from .io import SHAPES, CheckpointError, file_digest, save_model, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume
 from .subspace import Subspace
 
@@ -179,18 +179,42 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
     if args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs})")
+    for flag, minimum, what in (("degree", 1, "degree 1 is a line"), ("bends", 0, "0 bends is a line"),
+                                ("vertices", 2, "a simplex needs at least 2 vertices")):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < minimum:
+            raise ConfigError(f"--{flag} {getattr(args, flag)} is invalid: it must be >= {minimum} ({what})")
+    for name in ("train_subset", "eval_subset"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "holdout", 0) < 0:
+        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
+    if getattr(args, "bn_batches", 1) < 1:
+        raise ConfigError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    from .cli import check_dataset_name
+
+    check_dataset_name(getattr(args, "dataset", None))
+    if getattr(args, "model", None) is not None:
+        check_model_name(args.model)
 
 
 def prepare_output(args: argparse.Namespace) -> Path:
-    """Create the run folder (checking it is writable) and write ``config.yaml``."""
+    """Create the run folder, checking before any work that a real write there succeeds and that
+    there is room for checkpoints; nothing is left behind when it fails (ConfigError)."""
     out = Path(args.output)
+    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with open(probe, "wb") as f:   # a real write (and fsync): a full disk fails here, not mid-run
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as err:
-        raise ConfigError(f"cannot write to the output folder {out}: {err.strerror}; pass --output to a writable folder") from None
+        raise ConfigError(f"cannot write to the output folder {out}: {err.strerror or err}; pass --output to a writable folder") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
     free = shutil.disk_usage(out).free
     if free < 200 * 2**20:
         raise ConfigError(f"only {free / 2**20:.0f} MiB free in {out}: checkpoints need more; free space or pass --output elsewhere")
@@ -253,11 +277,19 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def _checkpoint_dir(out: Path) -> Path | None:
-    """The newest complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if a save died mid-rename."""
+def _checkpoint_dir(out: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if a save died mid-rename.
+
+    A folder counts once its ``progress.json`` (written last) is there; ``.checkpoint.tmp`` (a
+    save in progress or killed) never does. With ``verify``, every file the checkpoint lists in
+    ``manifest.json`` is checked against its recorded size and SHA-256 first: a truncated or
+    corrupted file raises CheckpointError naming it, instead of resuming from damaged state.
+    """
     for name in ("checkpoint", "checkpoint.old"):
         d = out / name
         if (d / "progress.json").exists():
+            if verify:
+                verify_checkpoint(d)
             return d
     return None
 
@@ -267,20 +299,40 @@ def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any
 
     The scheduler's state goes to ``scheduler.pt`` (plain tensors and numbers, read back with
     ``torch.load(weights_only=True)``) instead of accelerate's pickled custom objects.
+    ``manifest.json`` records every file's size and SHA-256 (checked on resume); ``progress.json``
+    is written last, so a folder without it is incomplete. Weights that are not finite are never saved (NonFiniteLossError); a failed write
+    (disk full) removes the temporary folder and leaves the previous checkpoint as it was.
     """
+    for model in getattr(accelerator, "_models", []):   # never save NaN weights over a good checkpoint
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                raise NonFiniteLossError(
+                    f"weight {name} is NaN or infinite after epoch {progress.get('epoch')} (update "
+                    f"{progress.get('updates')}): the run stopped without saving it; the last good "
+                    f"checkpoint is kept. Lower --lr, or try --mixed-precision no / bf16"
+                )
     tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            for name, data in (("manifest.json", files), ("progress.json", progress)):   # progress.json last
+                with open(tmp / name, "w") as f:
+                    json.dump(data, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(err.errno, f"cannot write the checkpoint into {out} ({err.strerror or err}); "
+                                 f"the previous checkpoint is kept") from err
     if accelerator.is_main_process:
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        with open(tmp / "progress.json", "w") as f:
-            json.dump(progress, f)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -374,7 +426,7 @@ class Trainer:
             start, self.updates = progress["epoch"], progress["updates"]
             acc.print(f"resumed from {ckpt} after epoch {start}")
             if acc.is_main_process and metrics_path.exists():
-                lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= start]
+                lines = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln) <= start]
                 metrics_path.write_text("".join(ln + "\n" for ln in lines))
         elif acc.is_main_process and metrics_path.exists():
             metrics_path.unlink()
@@ -406,11 +458,15 @@ class Trainer:
                 with acc.accumulate(self.model):
                     logits = self.model(x)
                     loss = self._loss(logits, y)
-                    if not torch.isfinite(loss.detach()):
-                        done = _checkpoint_dir(self.output)
+                    bad = ~torch.isfinite(loss.detach())
+                    if acc.num_processes > 1:   # every rank stops together, none waits in an all-reduce
+                        bad = acc.reduce(bad.float(), reduction="sum") > 0
+                    if bad:
+                        done = _checkpoint_dir(self.output, verify=False)
                         kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
+                        value = loss.item() if not torch.isfinite(loss.detach()) else "NaN or infinite on another rank"
                         raise NonFiniteLossError(
-                            f"loss is {loss.item()} at epoch {epoch + 1}, step {step} (update {self.updates + 1}): the run "
+                            f"loss is {value} at epoch {epoch + 1}, step {step} (update {self.updates + 1}): the run "
                             f"stopped; {kept}. Lower --lr, or try --mixed-precision no / bf16"
                         )
                     acc.backward(loss)
@@ -439,6 +495,14 @@ class Trainer:
             "train_acc": float(totals[1] / totals[2]), "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": float(totals[2]) / elapsed, "seconds": elapsed,
         })
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a torn line (a job killed mid-write) counts as never written."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _print_epoch(record: dict[str, Any]) -> None:
