@@ -243,3 +243,70 @@ def evaluate(
     if per_member:
         result["by_size"] = [metric.compute() for metric in by_size]
     return result
+
+
+# ---------------------------------------------------------------------------------------- subspace points
+POINT_MODES = ("ends", "even", "random", "centre")
+
+
+def subspace_points(sub: nn.Module, how: str = "even", k: int = 5, generator: torch.Generator | None = None) -> list[Tensor]:
+    """Points of a subspace to ensemble over.
+
+    ``how``: ``"ends"`` (curves: t = 0 and 1; a simplex: its vertices), ``"even"`` (curves: k
+    evenly spaced t from 0 to 1, the ends included), ``"random"`` (k draws of the shape's own
+    sampling distribution: t ~ U(0, 1), Dirichlet(1) on a simplex; from ``generator``, by default
+    the subspace's own), ``"centre"`` (t = 0.5 or the centroid). Returns a list of point tensors.
+    """
+    from .shapes import Simplex
+
+    if how not in POINT_MODES:
+        raise ValueError(f"how={how!r} is not one of {POINT_MODES}")
+    if how in ("even", "random") and (not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive int (number of points), got {k!r}")
+    simplex = isinstance(sub, Simplex)
+    if how == "centre":
+        return [sub.centre()]
+    if how == "ends":
+        if simplex:
+            return [torch.eye(sub.num_anchors)[i] for i in range(sub.num_anchors)]
+        return [torch.tensor(0.0), torch.tensor(1.0)]
+    if how == "even":
+        if simplex:
+            raise ValueError("evenly spaced points are defined for curves; use how='random' (Dirichlet draws) or 'ends' for a simplex")
+        if k == 1:
+            return [torch.tensor(0.5)]
+        return list(torch.linspace(0.0, 1.0, k))
+    draws = sub.sample(generator if generator is not None else sub.generator, n=k)
+    return list(draws)
+
+
+def subspace_ensemble(
+    sub: nn.Module,
+    points: Sequence[Any],
+    *,
+    bn_loader: Iterable | None = None,
+    bn_batches: int | None = None,
+    lazy: bool = False,
+) -> Ensemble:
+    """An :class:`Ensemble` of the plain networks at ``points`` of ``sub`` (probability averaging).
+
+    Each member is ``sub.export(point, bn_loader, bn_batches)``: its BatchNorm statistics are
+    recomputed at its own point when ``bn_loader`` is given (SCIENCE.md §2). With ``lazy=True``
+    members are built on first use (one at a time under ``offload``) instead of now.
+    """
+    if len(points) == 0:
+        raise ValueError("subspace_ensemble needs at least one point")
+    factories = [lambda p=p: sub.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in points]
+    if lazy:
+        return Ensemble(factories)
+    return Ensemble([make() for make in factories])
+
+
+def load_ensemble(paths: Sequence[str | os.PathLike], *, offload: bool = False) -> Ensemble:
+    """An :class:`Ensemble` of saved plain models (``.safetensors`` files or run folders),
+    each loaded with :func:`subspaces.io.load_model` on first use."""
+    from .io import load_model
+
+    if len(paths) == 0:
+        raise ValueError("load_ensemble needs at least one path")
+    return Ensemble(list(paths), load_fn=load_model, offload=offload)

@@ -1,0 +1,41 @@
+"""Fast Geometric Ensembling [G] (SCIENCE.md §3): cycle the learning rate from a trained network.
+
+Starts from a trained network and its optimiser state (a run folder of recipes/train.py: its
+``model.safetensors`` and the momentum buffers in ``checkpoint/optimizer.bin``), runs SGD with
+the per-iteration cyclical learning rate (alpha1 -> alpha2 -> alpha1 over a cycle of c
+iterations, c even) and saves a snapshot, BatchNorm recomputed, whenever mod(i, c) = c/2. At the
+end it evaluates the ensemble after 1..M snapshots (probabilities averaged) and SWA (the
+snapshots averaged in weight space, BatchNorm recomputed).
+
+    accelerate launch recipes/train.py --epochs 8 --output runs/train
+    accelerate launch recipes/fge.py runs/train --cycle 2 --epochs 4 --output runs/fge
+    accelerate launch recipes/fge.py runs/train --cycle-iters 100 --lr-max 0.025 --lr-min 0.0005
+    accelerate launch recipes/fge.py --resume runs/fge
+"""
+
+import argparse
+import sys
+
+from subspaces import cli, config
+from subspaces.snapshots import add_snapshot_args
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help="trained network: a run folder of recipes/train.py, or a .safetensors export")
+    add_snapshot_args(p, "fge")
+    config.add_data_args(p)
+    config.add_optim_args(p, lr=0.05, epochs=4, sched="none", wd=5e-4)
+    config.add_run_args(p, output="runs/fge")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
+    p.set_defaults(dataset=None)
+    args = cli.parse(p, argv)
+    if args.checkpoint is None:
+        p.exit(2, f"{p.prog}: error: give the trained network to start from (a run folder), or --resume DIR\n")
+    from subspaces.snapshots import run_fge
+
+    return cli.run(lambda: run_fge(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
