@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.aggregation import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 # Tolerance on |sum_c p_c - 1| used to reject logits passed where probabilities belong.
 _ROW_SUM_TOL = 1e-3
@@ -82,6 +80,10 @@ class ClassificationMetrics:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
         self.num_classes = num_classes
         self.n_bins = n_bins
+        # imported here: torchmetrics costs seconds at import, which every recipe's --help would pay
+        from torchmetrics.aggregation import MeanMetric
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
         common = dict(sync_on_compute=False)
         self._acc = MulticlassAccuracy(num_classes=num_classes, average="micro", **common)
         self._ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=n_bins, norm="l1", **common)

@@ -294,14 +294,17 @@ def _checkpoint_dir(out: Path, verify: bool = True) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any], scheduler: Any = None) -> None:
+def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any], scheduler: Any = None,
+                    rank_state: torch.Tensor | None = None) -> None:
     """accelerate.save_state into a temporary folder, then renamed over ``checkpoint/`` (atomic).
 
     The scheduler's state goes to ``scheduler.pt`` (plain tensors and numbers, read back with
     ``torch.load(weights_only=True)``) instead of accelerate's pickled custom objects.
     ``manifest.json`` records every file's size and SHA-256 (checked on resume); ``progress.json``
-    is written last, so a folder without it is incomplete. Weights that are not finite are never saved (NonFiniteLossError); a failed write
-    (disk full) removes the temporary folder and leaves the previous checkpoint as it was.
+    is written last, so a folder without it is incomplete. Weights that are not finite are never
+    saved (NonFiniteLossError); a failed write (disk full) removes the temporary folder and leaves
+    the previous checkpoint as it was. ``rank_state`` (a subspace's point generator, which differs
+    per rank) is saved by every rank as ``rank_state_{rank}.pt``: accelerate keeps rank 0's model only.
     """
     for model in getattr(accelerator, "_models", []):   # never save NaN weights over a good checkpoint
         for name, p in model.named_parameters():
@@ -317,6 +320,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        if rank_state is not None:
+            torch.save(rank_state, tmp / f"rank_state_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if scheduler is not None:
@@ -405,6 +410,7 @@ class Trainer:
     def evaluate_now(self, final: bool) -> dict[str, dict[str, float]]:
         """Metrics per evaluated point (a plain model: its own BN; a subspace: BN recomputed per point)."""
         net = self.unwrapped
+        sync_buffers(net, self.accelerator)
         if not isinstance(net, Subspace):
             return {"model": evaluate(net, self.eval_loader, num_classes=self.data.num_classes, accelerator=self.accelerator)}
         return {name: eval_plain(make(), self.data, self.args, self.accelerator, self.eval_loader) for name, make in points_to_evaluate(net, final).items()}
@@ -421,6 +427,9 @@ class Trainer:
                 progress = json.loads((ckpt / "progress.json").read_text())
                 if self.scheduler is not None:
                     self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+                rank_file = ckpt / f"rank_state_{acc.process_index}.pt"
+                if isinstance(self.unwrapped, Subspace) and rank_file.exists():
+                    self.unwrapped.set_extra_state(torch.load(rank_file, weights_only=True))
             except Exception as err:  # a damaged checkpoint: name it, never train from a half-loaded state
                 raise CheckpointError(f"cannot resume from {ckpt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
             start, self.updates = progress["epoch"], progress["updates"]
@@ -441,7 +450,9 @@ class Trainer:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 _print_epoch(record)
-            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates}, self.scheduler)
+            net = self.unwrapped
+            rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
+            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates}, self.scheduler, rank_state)
         return {"epochs_done": stop, "finished": stop == a.epochs}
 
     def _train_epoch(self, epoch: int) -> None:
@@ -546,11 +557,24 @@ def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
     return results
 
 
+@torch.no_grad()
+def sync_buffers(model: nn.Module, accelerator: Accelerator) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, so every rank
+    evaluates and saves the same network; DDP otherwise leaves each rank's last update local."""
+    if accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(accelerator.reduce(buffer.detach().clone(), reduction="mean"))
+
+
 def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
     """What this rank did: its data shard's fingerprint (count, sum of inputs), a digest of its
     final weights and the metrics it computed; written per rank to check distributed runs."""
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.unwrapped.state_dict().items()):
+        if name.endswith("_extra_state"):   # the point generator differs per rank on purpose
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     acc = trainer.accelerator
