@@ -83,6 +83,23 @@ def add_subspace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", nargs="*", default=None, help="parameter-name patterns kept shared by all points")
 
 
+def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("epochs", "batch_size", "grad_accum_steps", "bn_batches")) -> None:
+    """Checks every recipe shares: positive counts and lr, subsets >= 1, holdout >= 0, a known dataset."""
+    for name in counts:
+        if getattr(args, name, 1) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_subset", "eval_subset"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if getattr(args, "holdout", 0) < 0:
+        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
+    from .cli import check_dataset_name
+
+    check_dataset_name(getattr(args, "dataset", None))
+
+
 def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; defaults come from ``-c FILE.yaml`` when given, flags override them."""
     argv = list(sys.argv[1:] if argv is None else argv)

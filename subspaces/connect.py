@@ -7,7 +7,7 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
-from .config import ConfigError, save_config
+from .config import ConfigError, save_config, validate_common_args
 from .io import load_model
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
@@ -25,19 +25,7 @@ def validate_connect_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--degree {args.degree} is invalid: it must be >= 1 (degree 1 is a line, 2 is [G]'s curve)")
     if args.bends is not None and args.bends < 0:
         raise ConfigError(f"--bends {args.bends} is invalid: it must be >= 0 (0 bends is a line, 1 is [G]'s chain)")
-    for name in ("epochs", "batch_size", "grad_accum_steps", "bn_batches"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("train_subset", "eval_subset"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if args.holdout < 0:
-        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    from .cli import check_dataset_name
-
-    check_dataset_name(args.dataset)
+    validate_common_args(args)
 
 
 def run_connect(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 from accelerate.utils import set_seed
 from rich.console import Console
 
-from .config import ConfigError, save_config
+from .config import ConfigError, save_config, validate_common_args
 from .data import make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
@@ -33,19 +33,7 @@ def validate_spro_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     if args.volume_lambda < 0:
         raise ConfigError(f"--volume-lambda must be >= 0, got {args.volume_lambda}")
-    for name in ("batch_size", "grad_accum_steps", "bn_batches"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("train_subset", "eval_subset"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    if args.holdout < 0:
-        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    from .cli import check_dataset_name
-
-    check_dataset_name(args.dataset)
+    validate_common_args(args)
 
 
 def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerator: Any, index: int) -> Simplex:

@@ -45,7 +45,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from .bn import update_bn
-from .config import ConfigError, save_config
+from .config import ConfigError, save_config, validate_common_args
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .io import SHAPES, CheckpointError, file_digest, save_model, save_subspace, verify_checkpoint, write_json
@@ -172,27 +172,13 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise ConfigError("--volume-lambda is the simplex volume regulariser: use it with --subspace simplex")
     if getattr(args, "sampling", "global") == "arc_length" and sub not in ("line", "bezier", "polychain"):
         raise ConfigError("--sampling arc_length is defined for curves: --subspace line, bezier or polychain")
-    for name in ("epochs", "batch_size", "grad_accum_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    validate_common_args(args)
     if args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs})")
     for flag, minimum, what in (("degree", 1, "degree 1 is a line"), ("bends", 0, "0 bends is a line"),
                                 ("vertices", 2, "a simplex needs at least 2 vertices")):
         if getattr(args, flag, None) is not None and getattr(args, flag) < minimum:
             raise ConfigError(f"--{flag} {getattr(args, flag)} is invalid: it must be >= {minimum} ({what})")
-    for name in ("train_subset", "eval_subset"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "holdout", 0) < 0:
-        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    if getattr(args, "bn_batches", 1) < 1:
-        raise ConfigError(f"--bn-batches must be >= 1, got {args.bn_batches}")
-    from .cli import check_dataset_name
-
-    check_dataset_name(getattr(args, "dataset", None))
     if getattr(args, "model", None) is not None:
         check_model_name(args.model)
 
