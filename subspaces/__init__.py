@@ -2,6 +2,14 @@
 
 from .bn import batchnorm_modules, update_bn
 from .ensembles import Ensemble, evaluate, load_ensemble, subspace_ensemble, subspace_points
+from .pointwise import (
+    at_coefficients,
+    bn_statistics,
+    evaluate_coefficients,
+    evaluate_points,
+    export_coefficients,
+    point_coefficients,
+)
 from .regularizers import cosine_penalty, log_volume
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
 from .snapshots import list_snapshots, load_optimizer_state, swa_average, train_snapshots
@@ -14,14 +22,20 @@ __all__ = [
     "PolyChain",
     "Simplex",
     "Subspace",
+    "at_coefficients",
     "batchnorm_modules",
+    "bn_statistics",
     "check_same_architecture",
     "cosine_penalty",
     "evaluate",
+    "evaluate_coefficients",
+    "evaluate_points",
+    "export_coefficients",
     "list_snapshots",
     "load_ensemble",
     "load_optimizer_state",
     "log_volume",
+    "point_coefficients",
     "subspace_ensemble",
     "subspace_points",
     "swa_average",
@@ -30,21 +44,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-from .pointwise import (  # noqa: E402
-    at_coefficients,
-    bn_statistics,
-    evaluate_coefficients,
-    evaluate_points,
-    export_coefficients,
-    point_coefficients,
-)
-
-__all__ += [
-    "at_coefficients",
-    "bn_statistics",
-    "evaluate_coefficients",
-    "evaluate_points",
-    "export_coefficients",
-    "point_coefficients",
-]
