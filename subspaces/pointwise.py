@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import batch_inputs
+from .ensembles import _split_batch
+from .metrics import nll_per_example
 from .subspace import Subspace
 
 __all__ = [
@@ -303,23 +305,6 @@ class PointMetrics:
         return out
 
 
-def nll_per_example(probs: Tensor, target: Tensor) -> Tensor:
-    """-log max(p_y, tiny): probs [B, C], target [B] -> [B] (as subspaces.metrics, without importing torchmetrics)."""
-    p_true = probs.gather(1, target.unsqueeze(1)).squeeze(1)
-    return -p_true.clamp_min(torch.finfo(probs.dtype).tiny).log()
-
-
-def _split(batch: Any) -> tuple[Any, Tensor]:
-    if isinstance(batch, dict):
-        for xk, yk in (("image", "label"), ("x", "y")):
-            if xk in batch and yk in batch:
-                return batch[xk], batch[yk]
-        raise KeyError(f"dict batch needs keys 'image'/'label' or 'x'/'y', got {sorted(batch)}")
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into (x, y)")
-
-
 def _check_ensembles(ensembles: Sequence[Sequence[int]] | None, n: int) -> list[list[int]]:
     out = []
     for j, members in enumerate(ensembles or []):
@@ -371,7 +356,7 @@ def evaluate_coefficients(
     try:
         with _swapper(sub) as swap, _progress_task(progress, "evaluate every point", None if total is None else total * n) as advance:
             for batch in _limited(loader, max_batches):
-                x, y = _split(batch)
+                x, y = _split_batch(batch)
                 x, y = _to(x, device), y.to(device)
                 kept: dict[int, Tensor] = {}
                 for i in range(n):
