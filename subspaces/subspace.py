@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,77 +39,137 @@ InitFn = Callable[[nn.Module], None]
 SAMPLING_MODES = ("global", "layerwise", "arc_length")
 
 
-def _per_piece(device: torch.device) -> bool:
-    """Mix/scatter per parameter tensor (CPU, eager) rather than through one flat buffer.
+_PIECE_NUMEL = 1 << 16   # mean elements per parameter tensor above which backward goes tensor by tensor
 
-    On CPU a fresh tensor above glibc's mmap threshold (32 MiB at most) is new zeroed pages on
-    every step, and faulting them in costs more than the arithmetic (~15 ms for resnet18's
-    45 MB); per-parameter tensors come from the malloc heap like the plain model's. On GPU (and
-    in compiled graphs) one flat kernel per anchor is cheaper than a kernel per tensor.
-    """
+
+def _eager_cpu(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class _Pool:
+    """Flat storages of one group reused across steps on CPU: the mixed weights (key -1) and
+    each trainable anchor's gradient (key k).
+
+    On CPU a fresh tensor of tens of MB is new zeroed pages every step (glibc maps tensors
+    above 32 MiB afresh and trims the heap when large blocks are freed), and faulting them in
+    costs more than the arithmetic: ~15 ms for resnet18's 45 MB on a 2-core machine, against
+    ~3 ms to write it. The pool keeps the storage it handed out last and hands it out again
+    only when nothing else references it (the gradient was dropped by ``zero_grad`` and no one
+    kept it; no autograd graph or user variable holds the last mixed weights), else a fresh one.
+    So reuse is never observable. Copies and pickles of a subspace start with an empty pool.
+    """
+
+    def __init__(self) -> None:
+        self.storages: dict[int, Any] = {}
+
+    def __deepcopy__(self, memo: dict) -> _Pool:
+        return _Pool()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.storages = {}
+
+    def take(self, key: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor on a storage that only this pool holds (reused or fresh)."""
+        storage = self.storages.pop(key, None)
+        if (
+            storage is not None
+            and storage.device == device
+            and storage.nbytes() == math.prod(shape) * dtype.itemsize
+            and torch._C._storage_Use_Count(storage._cdata) == 1   # nothing else holds it
+        ):
+            out = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, shape)
+        else:
+            out = torch.empty(shape, dtype=dtype, device=device)
+        self.storages[key] = out.untyped_storage()
+        return out
+
+    def release_gradients(self) -> None:
+        for key in [k for k in self.storages if k >= 0]:
+            del self.storages[key]
+
+
+_POOLING = hasattr(torch._C, "_storage_Use_Count")
 
 
 class _Mix(torch.autograd.Function):
     """Mixed weights of one flat group, one tensor per parameter: w_i = sum_k c_k W_k[i].
 
-    Inputs: ``numels`` / ``shapes`` of the group's parameters (constants), ``coeffs``: Tensor[K]
-    (one point) or Tensor[K, n_params] (layerwise: a coefficient per parameter tensor), and the
-    K flat anchors (shape (n,) or (1, n)). Returns one tensor per parameter, shaped, in the
-    anchors' dtype (also under autocast: only elementwise ops are used). Backward writes
-    dL/dW_k = c_k * dL/dw straight into one flat gradient per anchor that needs one: no
-    concatenated dL/dw, no per-element coefficient tensor, nothing for frozen anchors.
+    Inputs: ``numels`` / ``shapes`` of the group's parameters (constants); ``per_piece``: write
+    gradients tensor by tensor (one pass) instead of through a concatenated dL/dw (two passes,
+    but a few calls instead of a few per tensor); a :class:`_Pool` or None; ``coeffs``:
+    Tensor[K] (one point) or Tensor[K, n_params] (layerwise: a coefficient per parameter
+    tensor); the K flat anchors (shape (n,) or (1, n)). Returns one tensor per parameter,
+    shaped, in the anchors' dtype (also under autocast: only elementwise ops are used).
+    Backward gives dL/dW_k = c_k * dL/dw to the anchors that need it only.
     """
 
     @staticmethod
-    def forward(ctx: Any, numels: tuple[int, ...], shapes: tuple[torch.Size, ...], coeffs: Tensor, *anchors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, numels: tuple[int, ...], shapes: tuple[torch.Size, ...], per_piece: bool, pool: _Pool | None, coeffs: Tensor, *anchors: Tensor
+    ) -> tuple[Tensor, ...]:
         ctx.save_for_backward(coeffs)
-        ctx.numels, ctx.anchor_shape, ctx.anchor_dtype = numels, anchors[0].shape, anchors[0].dtype
+        ctx.numels, ctx.pool, ctx.per_piece = numels, pool, per_piece or coeffs.ndim == 2
+        ctx.anchor_shape, ctx.anchor_dtype = anchors[0].shape, anchors[0].dtype
         ctx.set_materialize_grads(False)
-        if coeffs.ndim == 1 and not _per_piece(anchors[0].device):
-            flat = torch.mul(anchors[0], coeffs[0])
+        if coeffs.ndim == 2:   # layerwise: a coefficient per tensor
+            cs = [c.unbind() for c in coeffs]
+            pieces = torch._foreach_mul(anchors[0].reshape(-1).split(numels), cs[0])
+            for anchor, c in zip(anchors[1:], cs[1:]):
+                torch._foreach_addcmul_(pieces, anchor.reshape(-1).split(numels), c)
+        else:
+            if pool is not None:
+                flat = torch.mul(anchors[0], coeffs[0], out=pool.take(-1, anchors[0].shape, anchors[0].dtype, anchors[0].device))
+            else:
+                flat = torch.mul(anchors[0], coeffs[0])
             for anchor, c in zip(anchors[1:], coeffs[1:]):
                 flat.addcmul_(anchor, c)
             pieces = flat.reshape(-1).split(numels)
-        else:
-            n = len(numels)
-            cs = [c.unbind() if c.ndim else [c] * n for c in coeffs]   # per-parameter coefficients
-            first = anchors[0].reshape(-1).split(numels)
-            pieces = torch._foreach_mul(first, coeffs[0]) if coeffs.ndim == 1 else torch._foreach_mul(first, cs[0])
-            for anchor, c in zip(anchors[1:], cs[1:]):
-                torch._foreach_addcmul_(pieces, anchor.reshape(-1).split(numels), c)
         return tuple(piece.view(shape) for piece, shape in zip(pieces, shapes))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (coeffs,) = ctx.saved_tensors
-        needed = [k for k, need in enumerate(ctx.needs_input_grad[3:]) if need]
-        out: list[Tensor | None] = [None] * (3 + len(ctx.needs_input_grad[3:]))
-        if not needed:
-            return tuple(out)
+        first = 5   # inputs before the anchors
+        needed = [k for k, need in enumerate(ctx.needs_input_grad[first:]) if need]
+        out: list[Tensor | None] = [None] * len(ctx.needs_input_grad)
         ref = next((g for g in grads if g is not None), None)
-        if ref is None:   # no output reached the loss
-            for k in needed:
-                out[3 + k] = coeffs.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype)
+        if not needed or ref is None:
+            for k in needed:   # no output reached the loss
+                out[first + k] = coeffs.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype)
             return tuple(out)
-        numels, layerwise = ctx.numels, coeffs.ndim == 2
-        if layerwise or _per_piece(ref.device):
-            # one pass per anchor, written in place into that anchor's fresh flat gradient
+        shape, dtype, pool, numels = ctx.anchor_shape, ctx.anchor_dtype, ctx.pool, ctx.numels
+
+        def buffer(k: int) -> Tensor:
+            return pool.take(k, shape, dtype, ref.device) if pool is not None else torch.empty(shape, dtype=dtype, device=ref.device)
+
+        if ctx.per_piece:   # one pass per anchor, tensor by tensor into its flat gradient
+            layerwise = coeffs.ndim == 2
             for k in needed:
-                flat = torch.empty(ctx.anchor_shape, dtype=ctx.anchor_dtype, device=ref.device)
+                flat = buffer(k)
                 cs = coeffs[k].unbind() if layerwise else [coeffs[k]] * len(numels)
                 for dst, g, c in zip(flat.view(-1).split(numels), grads, cs):
                     if g is None:
                         dst.zero_()
                     else:
                         torch.mul(g, c, out=dst.view(g.shape))
-                out[3 + k] = flat
+                out[first + k] = flat
             return tuple(out)
-        flat = torch.cat([g.reshape(-1) if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)])
-        flat = flat.to(ctx.anchor_dtype).view(ctx.anchor_shape)
+        filled = [g if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)]
+        if torch.compiler.is_compiling():
+            dw = torch.cat([g.reshape(-1) for g in filled])
+        else:
+            dw = torch._C._nn.flatten_dense_tensors(filled)   # the same concatenation, in one call
+        dw = dw.to(dtype).view(shape)
+        if pool is not None:
+            for k in needed:
+                out[first + k] = torch.mul(dw, coeffs[k], out=buffer(k))
+            return tuple(out)
         for k in needed[:-1]:
-            out[3 + k] = flat * coeffs[k]
-        out[3 + needed[-1]] = flat.mul_(coeffs[needed[-1]])   # the concatenation is ours: reuse it
+            out[first + k] = dw * coeffs[k]
+        out[first + needed[-1]] = dw.mul_(coeffs[needed[-1]])   # the concatenation is ours: reuse it
         return tuple(out)
 
 
@@ -390,18 +451,42 @@ class Subspace(nn.Module):
     # ------------------------------------------------------------------ mixing and binding
     def _mix(self, coeffs: Tensor, pieces: bool = False) -> list[Any]:
         """Mixed weights per group at coefficients Tensor[K] or Tensor[K, num_modules]: one flat
-        tensor per group (shaped like the anchors), or with ``pieces=True`` a tuple of the group's
-        parameter tensors, shaped (what :meth:`forward` binds; no split, view or copy needed)."""
+        tensor per group (shaped like the anchors), or with ``pieces=True`` (the forward path) a
+        tuple of the group's parameter tensors, shaped, ready to bind. With ``pieces=True`` on
+        CPU the weights bound now are unbound and their storage is reused when nothing else
+        holds it (see :class:`_Pool`); bind the result."""
         out: list[Any] = []
-        for g in self._groups:
-            anchors = [self.anchors[k][g.name] for k in range(self.num_anchors)]
-            c = coeffs.to(device=anchors[0].device, dtype=g.dtype, non_blocking=True)
-            if c.ndim == 2:   # layerwise: the coefficients of the module owning each parameter
-                c = c[:, getattr(self, f"_modidx_{g.name}")]
-            mixed = _Mix.apply(tuple(g.numels), tuple(g.shapes), c, *anchors)
-            if not pieces:
-                mixed = torch.cat([m.reshape(-1) for m in mixed]).reshape(g.storage_shape())
-            out.append(mixed)
+        pools: dict[str, _Pool] | None = None
+        if pieces and _POOLING and not torch.compiler.is_compiling():
+            pools = self.__dict__.setdefault("_pools", {})
+        try:
+            for g in self._groups:
+                anchors = [self.anchors[k][g.name] for k in range(self.num_anchors)]
+                device = anchors[0].device
+                c = coeffs.to(device=device, dtype=g.dtype, non_blocking=True)
+                if c.ndim == 2:   # layerwise: the coefficients of the module owning each parameter
+                    c = c[:, getattr(self, f"_modidx_{g.name}")]
+                pool = None
+                if pools is not None and not _eager_cpu(device):
+                    pools.pop(g.name, None)   # moved off the CPU: let the CPU buffers go
+                elif pools is not None:
+                    pool = pools.setdefault(g.name, _Pool())
+                    if not torch.is_grad_enabled():
+                        pool.release_gradients()   # evaluation: hand the gradients' memory back
+                    if c.ndim == 2:
+                        pool.storages.pop(-1, None)   # layerwise mixing is tensor by tensor: no flat weights
+                    for owners in g.owners:   # drop the last weights' views: their storage may be reused
+                        for module, attr in owners:
+                            module.__dict__.pop(attr, None)
+                per_piece = _eager_cpu(device) and g.numel >= _PIECE_NUMEL * len(g.numels)
+                mixed = _Mix.apply(tuple(g.numels), tuple(g.shapes), per_piece, pool, c, *anchors)
+                if not pieces:
+                    mixed = torch.cat([m.reshape(-1) for m in mixed]).reshape(g.storage_shape())
+                out.append(mixed)
+        except BaseException:
+            if pools is not None:
+                self._rebind_centre()   # never leave the model without weights
+            raise
         return out
 
     def _bind(self, mixed: list[Any], detach: bool = False) -> None:
