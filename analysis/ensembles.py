@@ -69,15 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def eval_subset_arg(value: str) -> int:
     """``--eval-subset``: a positive number of examples, or ``all`` (0)."""
-    if str(value).lower() in ("all", "none", "0"):
-        return 0
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of examples or 'all', got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of examples or 'all', got {value}")
-    return n
+    return common.subset_arg(value) or 0
 
 
 # ------------------------------------------------------------------------------------ the compare folder
