@@ -38,9 +38,12 @@ its allocations), so the resident set is used: glibc is told to mmap every alloc
 activations: parameters + buffers + optimiser state + one gradient per trainable tensor (+ for
 a subspace the mixed weights w(p) and dL/dw, one point's size each).
 
-The performance report's table:
-    python analysis/bench.py --reps 15 --warmup 3 --output bench.json
-(per model with ``--models resnet18`` etc. to keep each run short on a 2-core machine).
+The performance report's table (one run per model keeps each run under ~8 minutes on 2 cores):
+    python analysis/bench.py --models resnet18 --reps 25 --warmup 3 --eval-reps 10 --output resnet18.json
+    python analysis/bench.py --models vit_tiny --reps 12 --warmup 2 --eval-reps 5 --output vit_tiny.json
+    python analysis/bench.py --models deep_narrow --reps 12 --warmup 2 --eval-reps 5 --output deep_narrow.json
+    python analysis/bench.py --merge resnet18.json vit_tiny.json deep_narrow.json --output bench.json
+On a shared machine, compare the paired and CPU-time ratios too, and rerun when they disagree.
 """
 
 from __future__ import annotations
