@@ -2,11 +2,13 @@
 
     w(p) = sum_k c_k(p) * W_k          (the same coefficients c(p) for every parameter tensor)
 
-Storage. The anchors of every parameter that lives in the subspace are kept flat: for each
-(dtype, weight-decay) group, anchor ``k`` is one contiguous Parameter ``anchors.{k}.{group}``.
-Mixing is then a handful of kernels (K reads and one write of the parameters), the optimiser
+Storage. The anchors of every parameter that lives in the subspace are kept flat: the
+parameters of each (dtype, weight-decay) class are laid end to end and cut into chunks of at
+most 8 MiB (a larger tensor is a chunk of its own), and anchor ``k`` of chunk ``j`` is one
+contiguous Parameter ``anchors.{k}.{decay|no_decay}_{dtype}_{j}``. Mixing is then a few kernels
+per chunk (K reads and K - 1 writes of the parameters for a convex combination), the optimiser
 updates a few large tensors instead of many small ones, and the anchors' gradients are
-``c_k * dL/dw`` computed in one kernel per trainable anchor. Decayed groups are stored as
+``c_k * dL/dw`` written in one pass per trainable anchor. Decayed chunks are stored as
 ``(1, n)`` and undecayed ones as ``(n,)``, so timm's ``create_optimizer_v2`` (which exempts
 tensors with ``ndim <= 1``) splits them exactly as it splits the plain model.
 
@@ -40,6 +42,11 @@ SAMPLING_MODES = ("global", "layerwise", "arc_length")
 
 
 _PIECE_NUMEL = 1 << 16   # mean elements per parameter tensor above which backward goes tensor by tensor
+# Anchors are stored in flat chunks of at most this size. Larger tensors are slow on CPU: glibc
+# serves allocations above 32 MiB with fresh mmapped pages each time, so every temporary of
+# that size (the optimiser's weight-decay sum, a gradient) costs page faults: SGD over one
+# 45 MB tensor took 22 ms against 12 ms over 8 MiB chunks (resnet18, 2 cores).
+_CHUNK_BYTES = 8 << 20
 
 
 def _eager_cpu(device: torch.device) -> bool:
@@ -57,10 +64,18 @@ class _Pool:
     only when nothing else references it (the gradient was dropped by ``zero_grad`` and no one
     kept it; no autograd graph or user variable holds the last mixed weights), else a fresh one.
     So reuse is never observable. Copies and pickles of a subspace start with an empty pool.
+
+    It also keeps the per-parameter gradients dL/dw that autograd hands to the backward
+    (``incoming``) until the next mix. Freed at the end of the backward, they left tens of MB
+    free at the top of the heap, glibc gave them back to the kernel, and the next backward
+    faulted them in again: ~11k page faults per resnet18 step against ~2k for the plain model,
+    which keeps its gradients until ``zero_grad``. Kept, the subspace's allocations follow the
+    plain model's pattern (0-2k faults per step); the peak is unchanged.
     """
 
     def __init__(self) -> None:
         self.storages: dict[int, Any] = {}
+        self.incoming: tuple[Tensor | None, ...] | None = None
 
     def __deepcopy__(self, memo: dict) -> _Pool:
         return _Pool()
@@ -70,6 +85,7 @@ class _Pool:
 
     def __setstate__(self, state: dict) -> None:
         self.storages = {}
+        self.incoming = None
 
     def take(self, key: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor on a storage that only this pool holds (reused or fresh)."""
@@ -89,9 +105,29 @@ class _Pool:
     def release_gradients(self) -> None:
         for key in [k for k in self.storages if k >= 0]:
             del self.storages[key]
+        self.incoming = None
 
 
 _POOLING = hasattr(torch._C, "_storage_Use_Count")
+
+
+def _lerp_steps(coeffs: Tensor) -> Tensor | None:
+    """For a convex combination (c_k >= 0, sum 1) on the CPU: the weights s_j of the lerp chain
+    o_0 = W_0, o_j = lerp(o_{j-1}, W_j, s_j) = (S_{j-1} o_{j-1} + c_j W_j) / S_j with S_j = c_0 + .. + c_j,
+    so o_{K-1} = sum_k c_k W_k. Tensor[K] -> Tensor[K-1], or None (not convex, layerwise,
+    on an accelerator, or compiling: then the K multiply-adds are used).
+
+    One lerp reads two tensors and writes one, so the chain costs K - 1 passes over the
+    weights instead of K; the weights s_j are in [0, 1], where lerp is exact at both ends.
+    """
+    if coeffs.ndim != 1 or coeffs.device.type != "cpu" or coeffs.numel() < 2 or torch.compiler.is_compiling():
+        return None
+    c = coeffs.double()
+    if bool((c < 0).any()) or abs(float(c.sum()) - 1.0) > 1e-6:
+        return None
+    partial = c.cumsum(0)[1:]
+    steps = torch.where(partial > 0, c[1:] / partial.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(partial))
+    return steps.clamp(0, 1)
 
 
 class _Mix(torch.autograd.Function):
@@ -99,7 +135,8 @@ class _Mix(torch.autograd.Function):
 
     Inputs: ``numels`` / ``shapes`` of the group's parameters (constants); ``per_piece``: write
     gradients tensor by tensor (one pass) instead of through a concatenated dL/dw (two passes,
-    but a few calls instead of a few per tensor); a :class:`_Pool` or None; ``coeffs``:
+    but a few calls instead of a few per tensor); a :class:`_Pool` or None; ``steps``: None or
+    the :func:`_lerp_steps` of ``coeffs`` (then w is computed by K - 1 lerps); ``coeffs``:
     Tensor[K] (one point) or Tensor[K, n_params] (layerwise: a coefficient per parameter
     tensor); the K flat anchors (shape (n,) or (1, n)). Returns one tensor per parameter,
     shaped, in the anchors' dtype (also under autocast: only elementwise ops are used).
@@ -108,7 +145,14 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, numels: tuple[int, ...], shapes: tuple[torch.Size, ...], per_piece: bool, pool: _Pool | None, coeffs: Tensor, *anchors: Tensor
+        ctx: Any,
+        numels: tuple[int, ...],
+        shapes: tuple[torch.Size, ...],
+        per_piece: bool,
+        pool: _Pool | None,
+        steps: Tensor | None,
+        coeffs: Tensor,
+        *anchors: Tensor,
     ) -> tuple[Tensor, ...]:
         ctx.save_for_backward(coeffs)
         ctx.numels, ctx.pool, ctx.per_piece = numels, pool, per_piece or coeffs.ndim == 2
@@ -120,19 +164,22 @@ class _Mix(torch.autograd.Function):
             for anchor, c in zip(anchors[1:], cs[1:]):
                 torch._foreach_addcmul_(pieces, anchor.reshape(-1).split(numels), c)
         else:
-            if pool is not None:
-                flat = torch.mul(anchors[0], coeffs[0], out=pool.take(-1, anchors[0].shape, anchors[0].dtype, anchors[0].device))
+            out = pool.take(-1, anchors[0].shape, anchors[0].dtype, anchors[0].device) if pool is not None else None
+            if steps is not None:   # a convex combination: K - 1 lerps instead of K multiply-adds
+                flat = torch.lerp(anchors[0], anchors[1], steps[0], out=out) if out is not None else torch.lerp(anchors[0], anchors[1], steps[0])
+                for anchor, s in zip(anchors[2:], steps[1:]):
+                    flat.lerp_(anchor, s)
             else:
-                flat = torch.mul(anchors[0], coeffs[0])
-            for anchor, c in zip(anchors[1:], coeffs[1:]):
-                flat.addcmul_(anchor, c)
+                flat = torch.mul(anchors[0], coeffs[0], out=out) if out is not None else torch.mul(anchors[0], coeffs[0])
+                for anchor, c in zip(anchors[1:], coeffs[1:]):
+                    flat.addcmul_(anchor, c)
             pieces = flat.reshape(-1).split(numels)
         return tuple(piece.view(shape) for piece, shape in zip(pieces, shapes))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (coeffs,) = ctx.saved_tensors
-        first = 5   # inputs before the anchors
+        first = 6   # inputs before the anchors
         needed = [k for k, need in enumerate(ctx.needs_input_grad[first:]) if need]
         out: list[Tensor | None] = [None] * len(ctx.needs_input_grad)
         ref = next((g for g in grads if g is not None), None)
@@ -141,6 +188,8 @@ class _Mix(torch.autograd.Function):
                 out[first + k] = coeffs.new_zeros(ctx.anchor_shape, dtype=ctx.anchor_dtype)
             return tuple(out)
         shape, dtype, pool, numels = ctx.anchor_shape, ctx.anchor_dtype, ctx.pool, ctx.numels
+        if pool is not None:
+            pool.incoming = grads   # freed at the next mix, as a plain model frees .grad at zero_grad (see _Pool)
 
         def buffer(k: int) -> Tensor:
             return pool.take(k, shape, dtype, ref.device) if pool is not None else torch.empty(shape, dtype=dtype, device=ref.device)
@@ -192,6 +241,24 @@ class _Group:
 
     def storage_shape(self) -> tuple[int, ...]:
         return (1, self.numel) if self.decay else (self.numel,)
+
+
+def _split_group(group: _Group, max_bytes: int | None = None) -> list[_Group]:
+    """Split a group into consecutive chunks of at most ``max_bytes`` (default ``_CHUNK_BYTES``;
+    a larger tensor gets a chunk of its own), named ``{group}_{j}``. Each chunk is one flat
+    Parameter per anchor."""
+    limit = max(1, (_CHUNK_BYTES if max_bytes is None else max_bytes) // group.dtype.itemsize)
+    chunks: list[_Group] = []
+    for i, numel in enumerate(group.numels):
+        if not chunks or chunks[-1].numel + numel > limit:
+            chunks.append(_Group(f"{group.name}_{len(chunks)}", group.decay, group.dtype))
+        c = chunks[-1]
+        c.names.append(group.names[i])
+        c.shapes.append(group.shapes[i])
+        c.numels.append(numel)
+        c.owners.append(group.owners[i])
+        c.module_index.append(group.module_index[i])
+    return chunks
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -333,7 +400,7 @@ class Subspace(nn.Module):
             g.owners.append(owners[id(p)])
             g.module_index.append(module_ids.setdefault(name.rpartition(".")[0], len(module_ids)))
         self._num_modules = len(module_ids)
-        return list(groups.values())
+        return [chunk for g in groups.values() for chunk in _split_group(g)]
 
     def _flatten(self, model: nn.Module) -> list[Tensor]:
         params = dict(model.named_parameters())
@@ -456,6 +523,7 @@ class Subspace(nn.Module):
         CPU the weights bound now are unbound and their storage is reused when nothing else
         holds it (see :class:`_Pool`); bind the result."""
         out: list[Any] = []
+        steps = _lerp_steps(coeffs)
         pools: dict[str, _Pool] | None = None
         if pieces and _POOLING and not torch.compiler.is_compiling():
             pools = self.__dict__.setdefault("_pools", {})
@@ -464,6 +532,7 @@ class Subspace(nn.Module):
                 anchors = [self.anchors[k][g.name] for k in range(self.num_anchors)]
                 device = anchors[0].device
                 c = coeffs.to(device=device, dtype=g.dtype, non_blocking=True)
+                s = steps.to(device=device, dtype=g.dtype, non_blocking=True) if steps is not None else None
                 if c.ndim == 2:   # layerwise: the coefficients of the module owning each parameter
                     c = c[:, getattr(self, f"_modidx_{g.name}")]
                 pool = None
@@ -471,6 +540,7 @@ class Subspace(nn.Module):
                     pools.pop(g.name, None)   # moved off the CPU: let the CPU buffers go
                 elif pools is not None:
                     pool = pools.setdefault(g.name, _Pool())
+                    pool.incoming = None   # the last backward's dL/dw: free it now, before this forward allocates
                     if not torch.is_grad_enabled():
                         pool.release_gradients()   # evaluation: hand the gradients' memory back
                     if c.ndim == 2:
@@ -479,7 +549,7 @@ class Subspace(nn.Module):
                         for module, attr in owners:
                             module.__dict__.pop(attr, None)
                 per_piece = _eager_cpu(device) and g.numel >= _PIECE_NUMEL * len(g.numels)
-                mixed = _Mix.apply(tuple(g.numels), tuple(g.shapes), per_piece, pool, c, *anchors)
+                mixed = _Mix.apply(tuple(g.numels), tuple(g.shapes), per_piece, pool, s, c, *anchors)
                 if not pieces:
                     mixed = torch.cat([m.reshape(-1) for m in mixed]).reshape(g.storage_shape())
                 out.append(mixed)

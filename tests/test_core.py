@@ -259,7 +259,7 @@ def test_add_vertex_spro_step():
     assert [sub.anchor_trainable(k) for k in range(3)] == [False, False, True]
     for n, v in anchor_slices(sub, 2).items():
         torch.testing.assert_close(v, (before[0][n] + before[1][n]) / 2)
-    assert "anchors.2.decay_float32" in sub.state_dict()
+    assert "anchors.2.decay_float32_0" in sub.state_dict()
     # a training step reaches the new vertex only
     sub.train()
     sub(torch.randn(4, 3)).square().mean().backward()
