@@ -17,6 +17,13 @@ wall time, the ratio of medians to the plain model, the median of the per-repeti
 ratios (``t_variant[r] / t_plain[r]``), and the same for the process's CPU time (all threads,
 user + system: page faults count; other processes on the machine do not).
 
+The floor. What the arithmetic itself must add, timed in the same interleaved rounds with
+primitives over buffers of the model's parameter count: mixing K anchors is at least (K - 1)
+reads + one copy of the parameters, the backward one copy per trainable anchor (c_k * dL/dw),
+the optimiser (T - 1) more plain optimiser steps for T trainable anchors. ``floor`` is
+(plain + that) / plain: a variant's ratio above it is overhead, below it is not possible.
+For the points workload the floor is N mixes of the curve's 3 anchors on top of N forwards.
+
 Two evaluation workloads (``torch.no_grad()``, eval mode, one batch read once for everything):
 
     points    N points of a connect curve on one batch (``sub(x, point=t)`` for N values of t:
@@ -372,12 +379,48 @@ def bench_train(name: str, args: argparse.Namespace, device: torch.device) -> di
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
     trainers = {v: Trainer(m, x, y, args.lr, args.weight_decay, args.amp) for v, m in variants.items()}
-    times = interleaved({v: t.step for v, t in trainers.items()}, args.reps, args.warmup, device, seed=args.seed)
+    fns: dict[str, Callable[[], None]] = {v: t.step for v, t in trainers.items()}
+    if "plain" in trainers:   # the floor's primitives, timed in the same rounds as the steps
+        fns.update(floor_primitives(trainers["plain"].params, device, trainers["plain"].opt))
+    times = interleaved(fns, args.reps, args.warmup, device, seed=args.seed)
     summary = summarize(times, "plain" if "plain" in times else next(iter(times)))
+    primitives = {k: summary.pop(k)["median_ms"] for k in list(summary) if k.startswith("floor:")}
     for v, m in variants.items():
         summary[v]["trainable_parameters"] = sum(p.numel() for p in trainers[v].params)
         summary[v]["num_anchors"] = int(getattr(m, "num_anchors", 1))
+        if primitives and v != "plain":
+            K = summary[v]["num_anchors"]
+            T = round(summary[v]["trainable_parameters"] / summary["plain"]["trainable_parameters"])
+            extra = arithmetic_floor_ms(K, T, primitives["floor:read"], primitives["floor:copy"], primitives["floor:optimizer"])
+            summary[v]["floor_extra_ms"] = extra
+            summary[v]["floor_ratio"] = (summary["plain"]["median_ms"] + extra) / summary["plain"]["median_ms"]
+    if primitives:
+        summary["plain"]["floor_primitives_ms"] = {k.removeprefix("floor:"): t for k, t in primitives.items()}
     return summary
+
+
+def arithmetic_floor_ms(K: int, T: int, read_ms: float, copy_ms: float, optimizer_ms: float) -> float:
+    """What a subspace step must add to the plain step, from memory traffic alone, in ms.
+
+    Mixing reads the K anchors and writes w once: (K - 1) reads + 1 copy of the parameters.
+    Backward writes c_k * dL/dw once per trainable anchor: T copies. The optimiser updates T
+    parameter sets instead of one: (T - 1) plain optimiser steps. ``read_ms``: one read of the
+    parameters (a sum); ``copy_ms``: one read + one write (``copy_``); ``optimizer_ms``: the
+    plain model's ``optimizer.step()``; all timed in the same interleaved rounds as the steps.
+    """
+    return (K - 1) * read_ms + copy_ms + T * copy_ms + (T - 1) * optimizer_ms
+
+
+def floor_primitives(params: Sequence[torch.Tensor], device: torch.device, optimizer: Any = None) -> dict[str, Callable[[], None]]:
+    """Timed primitives over buffers of the parameters' count and dtype: a read, a copy, and
+    (given) a plain model's optimiser step on the gradients of its last step."""
+    n = sum(p.numel() for p in params)
+    src = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=params[0].dtype)
+    dst = torch.empty_like(src)
+    fns: dict[str, Callable[[], Any]] = {"floor:read": lambda: src.sum(), "floor:copy": lambda: dst.copy_(src)}
+    if optimizer is not None:
+        fns["floor:optimizer"] = optimizer.step
+    return fns
 
 
 def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -402,9 +445,14 @@ def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> d
             for m in plains:
                 m(x)
 
-    times = interleaved({"plain_models": plain_models, "curve_points": subspace_points}, args.eval_reps, 1, device, seed=args.seed)
+    fns = {"plain_models": plain_models, "curve_points": subspace_points, **floor_primitives(list(model_a.parameters()), device)}
+    times = interleaved(fns, args.eval_reps, 1, device, seed=args.seed)
     out = summarize(times, "plain_models")
+    read, copy_ = out.pop("floor:read")["median_ms"], out.pop("floor:copy")["median_ms"]
     out["points"] = args.points
+    # each point mixes the curve's 3 anchors once: at least 2 reads + 1 copy of the parameters
+    out["floor_extra_ms"] = args.points * arithmetic_floor_ms(curve.num_anchors, 0, read, copy_, 0.0)
+    out["floor_ratio"] = (out["plain_models"]["median_ms"] + out["floor_extra_ms"]) / out["plain_models"]["median_ms"]
     return out
 
 
@@ -470,7 +518,8 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
         f"{meta['device']}, {meta['threads']} threads, amp {meta['amp']}, {meta['reps']} interleaved reps after {meta['warmup']} warm-up"
     )
     table = Table(title=title)
-    cols = ("model", "variant", "anchors", "trainable", "median ms", "p25-p75 ms", "ratio", "paired ratio", "cpu ms", "cpu ratio", "peak mem", "resting", "analytic")
+    cols = ("model", "variant", "anchors", "trainable", "median ms", "p25-p75 ms", "ratio", "paired ratio", "cpu ms", "cpu ratio",
+            "floor", "peak mem", "resting", "analytic")
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for model, res in results.items():
@@ -481,27 +530,27 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
                 continue
             timing = [
                 f"{r['median_ms']:.1f}", f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['paired_ratio']:.3f}",
-                f"{r['cpu_median_ms']:.1f}", f"{r['cpu_ratio']:.3f}",
-            ] if r is not None else ["-"] * 6
+                f"{r['cpu_median_ms']:.1f}", f"{r['cpu_ratio']:.3f}", f"{r['floor_ratio']:.3f}" if "floor_ratio" in r else "-",
+            ] if r is not None else ["-"] * 7
             head = [model, v, str(r["num_anchors"]) if r else "-", f"{r['trainable_parameters']:,}" if r else "-"]
             table.add_row(*head, *timing, _fmt_bytes(mem.get("peak_bytes")), _fmt_bytes(mem.get("resting_bytes")), _fmt_bytes(mem.get("analytic_bytes")))
         table.add_section()
     if table.row_count:
         console.print(table)
     evals = Table(title=f"evaluation (no grad, eval mode, one batch of {meta['batch_size']}): {meta['eval_reps']} interleaved reps")
-    for col in ("model", "workload", "median ms", "reference ms", "ratio", "paired ratio", "cpu ratio"):
+    for col in ("model", "workload", "median ms", "reference ms", "ratio", "paired ratio", "cpu ratio", "floor"):
         evals.add_column(col, justify="left" if col in ("model", "workload") else "right")
     for model, res in results.items():
         if "points" in res:
             p = res["points"]
             evals.add_row(model, f"{p['points']} curve points vs {p['points']} plain models", f"{p['curve_points']['median_ms']:.1f}",
                           f"{p['plain_models']['median_ms']:.1f}", f"{p['curve_points']['ratio']:.3f}", f"{p['curve_points']['paired_ratio']:.3f}",
-                          f"{p['curve_points']['cpu_ratio']:.3f}")
+                          f"{p['curve_points']['cpu_ratio']:.3f}", f"{p['floor_ratio']:.3f}" if "floor_ratio" in p else "-")
         if "ensemble" in res:
             e = res["ensemble"]
             evals.add_row(model, f"Ensemble of {e['members']} vs {e['members']} passes", f"{e['ensemble']['median_ms']:.1f}",
                           f"{e['separate_passes']['median_ms']:.1f}", f"{e['ensemble']['ratio']:.3f}", f"{e['ensemble']['paired_ratio']:.3f}",
-                          f"{e['ensemble']['cpu_ratio']:.3f}")
+                          f"{e['ensemble']['cpu_ratio']:.3f}", "-")
     if evals.row_count:
         console.print(evals)
 

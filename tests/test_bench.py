@@ -64,6 +64,10 @@ def test_smoke_run_writes_json(bench, tmp_path):
     assert res["train"]["connect"]["trainable_parameters"] == plain_params        # middle anchor only
     assert res["train"]["line"]["trainable_parameters"] == 2 * plain_params
     assert res["train"]["simplex"]["trainable_parameters"] == 3 * plain_params
+    assert set(res["train"]["plain"]["floor_primitives_ms"]) == {"read", "copy", "optimizer"}
+    for v in variants[1:]:   # the arithmetic floor: above 1, and ordered by the work it counts
+        assert res["train"][v]["floor_ratio"] > 1 and _positive(res["train"][v]["floor_extra_ms"])
+    assert res["train"]["simplex"]["floor_extra_ms"] > res["train"]["connect"]["floor_extra_ms"]
 
     assert set(res["memory"]) == set(variants)
     for v in variants:
@@ -76,9 +80,19 @@ def test_smoke_run_writes_json(bench, tmp_path):
 
     p = res["points"]
     assert p["points"] == 2
+    assert p["floor_ratio"] > 1 and _positive(p["floor_extra_ms"])
     for key in ("curve_points", "plain_models"):
         assert _positive(p[key]["median_ms"]) and _positive(p[key]["ratio"])
     e = res["ensemble"]
     assert e["members"] == 2
     for key in ("ensemble", "separate_passes"):
         assert _positive(e[key]["median_ms"]) and _positive(e[key]["ratio"])
+
+
+def test_arithmetic_floor_counts_reads_copies_and_optimiser_steps(bench):
+    # connect: 3 anchors, 1 trainable -> 2 reads + 1 copy (mix) + 1 copy (backward)
+    assert bench.arithmetic_floor_ms(3, 1, read_ms=1.0, copy_ms=10.0, optimizer_ms=100.0) == 22.0
+    # line: 2 anchors, both trainable -> 1 read + 1 copy + 2 copies + 1 optimiser step
+    assert bench.arithmetic_floor_ms(2, 2, read_ms=1.0, copy_ms=10.0, optimizer_ms=100.0) == 131.0
+    # simplex of 3 -> 2 reads + 1 copy + 3 copies + 2 optimiser steps
+    assert bench.arithmetic_floor_ms(3, 3, read_ms=1.0, copy_ms=10.0, optimizer_ms=100.0) == 242.0
