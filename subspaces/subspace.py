@@ -115,7 +115,8 @@ def _lerp_steps(coeffs: Tensor) -> Tensor | None:
     """For a convex combination (c_k >= 0, sum 1) on the CPU: the weights s_j of the lerp chain
     o_0 = W_0, o_j = lerp(o_{j-1}, W_j, s_j) = (S_{j-1} o_{j-1} + c_j W_j) / S_j with S_j = c_0 + .. + c_j,
     so o_{K-1} = sum_k c_k W_k. Tensor[K] -> Tensor[K-1], or None (not convex, layerwise,
-    on an accelerator, or compiling: then the K multiply-adds are used).
+    coefficients on an accelerator, where checking them would synchronise, or compiling: then
+    the K multiply-adds are used). The anchors may be anywhere: the steps move to them.
 
     One lerp reads two tensors and writes one, so the chain costs K - 1 passes over the
     weights instead of K; the weights s_j are in [0, 1], where lerp is exact at both ends.
