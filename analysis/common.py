@@ -71,6 +71,11 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.bn_batches < 1:
         raise ConfigError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    check_runtime_args(args)
+
+
+def check_runtime_args(args: argparse.Namespace) -> None:
+    """Check --workers and --threads, and apply --threads to torch."""
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     if args.threads is not None:

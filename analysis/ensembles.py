@@ -318,12 +318,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    common.check_runtime_args(args)
     timer = common.Timer()
     cmp = open_compare(args.compare_dir, args.seed)
     png, js = common.output_paths(args.output or cmp.root / "ensembles.png")
