@@ -78,9 +78,23 @@ def add_subspace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="point sampling (default: %(default)s)")
     g.add_argument("--same-point", action="store_true", help="under DDP, draw the same point on every rank (default: a different point per rank)")
     g.add_argument("--beta", type=float, default=0.0, help="weight of the cos^2 regulariser between anchors ([W] used 1)")
-    g.add_argument("--volume-lambda", type=float, default=0.0, help="weight of -log(volume) for simplexes ([B])")
+    g.add_argument("--beta-params", default="weights", choices=["weights", "all"],
+                   help="what cos^2 covers: the layer weights (conv / linear / attention, as [W]'s code) or all subspace parameters (default: %(default)s)")
+    add_volume_args(g, default_lambda=0.0)
     g.add_argument("--include", nargs="*", default=None, help="parameter-name patterns that live in the subspace (default: all)")
     g.add_argument("--exclude", nargs="*", default=None, help="parameter-name patterns kept shared by all points")
+
+
+def add_volume_args(g: argparse._ArgumentGroup, default_lambda: float, default_samples: int = 1) -> None:
+    """The simplex volume regulariser [B] and several points per batch."""
+    g.add_argument("--volume-lambda", type=float, default=default_lambda,
+                   help="weight of the volume regulariser of a simplex ([B]; default: %(default)s). With --volume-form benton (the default) "
+                        "the loss subtracts lambda / log(Vol0^2 + 1e-4) * log(Vol^2 + 1e-4), Vol0 the volume of freshly initialised "
+                        "networks, so lambda is on [B]'s scale ([B] used 1e-6); with --volume-form log it subtracts lambda * log Vol")
+    g.add_argument("--volume-form", default="benton", choices=["benton", "log"],
+                   help="scale of --volume-lambda: [B]'s normalised log(Vol^2 + 1e-4), or plain log Vol (default: %(default)s)")
+    g.add_argument("--samples-per-step", type=int, default=default_samples,
+                   help="points of the subspace per batch, one forward/backward each, losses averaged ([B] used 5; default: %(default)s)")
 
 
 def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("epochs", "batch_size", "grad_accum_steps", "bn_batches")) -> None:
@@ -93,6 +107,8 @@ def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("e
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "lr", 1.0) <= 0:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    if getattr(args, "samples_per_step", 1) < 1:
+        raise ConfigError(f"--samples-per-step must be >= 1, got {args.samples_per_step}")
     if getattr(args, "holdout", 0) < 0:
         raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
     from .cli import check_dataset_name

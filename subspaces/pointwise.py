@@ -6,9 +6,11 @@ before the next batch is read:
 
 1. BatchNorm pass (:func:`bn_statistics`): each point gets its own BatchNorm buffers (fresh, as
    after ``reset_running_stats``); for every batch and every point, that point's buffers are
-   swapped into the BatchNorm modules and the network runs in train mode with ``momentum=None``,
-   so each point ends with the equal-weight average over the batches of its batch statistics:
-   exactly what ``torch.optim.swa_utils.update_bn`` / :func:`subspaces.bn.update_bn` compute.
+   swapped into the BatchNorm modules and the network runs in train mode with momentum
+   n_b / (n_1 + ... + n_b) for batch b of n_b samples, so each point ends with the
+   sample-weighted average of its batch statistics, sum_b n_b s_b / sum_b n_b: exactly what
+   :func:`subspaces.bn.update_bn` computes (``torch.optim.swa_utils.update_bn`` if the batches
+   are of equal size).
 2. Evaluation pass (:func:`evaluate_coefficients`): eval mode; for every batch and every point,
    the point's buffers are swapped in and per-point sums of NLL and of correct predictions are
    accumulated (and, optionally, those of probability-averaging ensembles of points).
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bn import batch_inputs
+from .bn import batch_inputs, batch_weight, sample_momentum
 from .ensembles import _split_batch
 from .metrics import nll_per_example
 from .subspace import Subspace
@@ -232,10 +234,12 @@ def bn_statistics(
 ) -> BNStates:
     """BatchNorm statistics at every one of N coefficient vectors, in one pass over ``loader``.
 
-    For each batch (at most ``max_batches``) and each point i: point i's buffers are swapped in and
-    the network runs in train mode at w_i with ``momentum=None``, so after the pass each point
-    holds the equal-weight average of its batch means / variances, as :func:`subspaces.bn.update_bn`
-    gives for that point alone. The subspace's own buffers, momenta, mode and point are restored.
+    For each batch b of n_b samples (at most ``max_batches``) and each point i: point i's buffers
+    are swapped in and the network runs in train mode at w_i with momentum n_b / (n_1 + ... + n_b)
+    (the same for every point), so after the pass each point holds the sample-weighted averages
+    mean = sum_b n_b mean(x_b) / sum_b n_b and var = sum_b n_b var_unbiased(x_b) / sum_b n_b, as
+    :func:`subspaces.bn.update_bn` gives for that point alone. The subspace's own buffers,
+    momenta, mode and point are restored.
     Batches: tensors, ``(x, y)`` tuples or dicts (see :func:`subspaces.bn.batch_inputs`).
     """
     _check_max_batches(max_batches)
@@ -248,20 +252,24 @@ def bn_statistics(
     was_training = sub.training
     device = _device_of(sub)
     seen = 0
+    samples = 0
     total = _num_batches(loader, max_batches)
     try:
-        for _, m in modules:
-            m.momentum = None
         sub.train()
         with _swapper(sub) as swap, _progress_task(progress, "BatchNorm at every point", None if total is None else total * c.shape[0]) as advance:
             for batch in _limited(loader, max_batches):
                 x = _to(batch_inputs(batch), device)
+                b = batch_weight(x, samples, seen)
+                m_b = sample_momentum(samples, b)  # every point sees the same batches: the same momentum
+                for _, m in modules:
+                    m.momentum = m_b
                 for i in range(c.shape[0]):
                     swap(states[i])
                     with at_coefficients(sub, c[i]):
                         _forward(sub, x)
                     advance()
                 seen += 1
+                samples += b
     finally:
         for n, m in modules:
             m.momentum = momenta[n]

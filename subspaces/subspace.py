@@ -499,7 +499,7 @@ class Subspace(nn.Module):
     # ------------------------------------------------------------------ arc length
     def speed(self, t: Tensor) -> Tensor:
         """||w'(t)|| at curve points t: Tensor[N] -> Tensor[N], from the K x K Gram of the anchors."""
-        gram = self.gram().detach()
+        gram = self.gram(centred=True).detach()   # sum_k c_k'(t) = 0: the centred Gram gives the same value, exactly
         deriv = torch.func.vmap(torch.func.jacfwd(self.coefficients))(t.double())   # [N, K]
         return torch.einsum("nk,kl,nl->n", deriv, gram, deriv).clamp_min(0).sqrt()
 
@@ -648,19 +648,50 @@ class Subspace(nn.Module):
         return plain
 
     # ------------------------------------------------------------------ geometry
-    def gram(self) -> Tensor:
-        """Inner products of the anchors over all subspace weights: Tensor[K, K] (float64).
+    def gram(self, names: Iterable[str] | None = None, centred: bool = False) -> Tensor:
+        """Inner products of the anchors: Tensor[K, K] in float64, differentiable.
 
-        G_ij = <W_i, W_j>, accumulated group by group; differentiable, no K x P copy.
+        G_ij = <W_i - m, W_j - m> over the subspace parameters in ``names`` (default: all), with
+        m = 0, or with ``centred=True`` m = (1/K) sum_k W_k, K chunks at a time (never a K x P
+        copy). Centred products are taken in float64, uncentred ones (cosines) in the anchors'
+        dtype and summed in float64. Centring keeps distances
+        exact for a simplex that is small next to |W| (an SPRO vertex starting at the centroid):
+        |W_i - W_j|^2 = G_ii + G_jj - 2 G_ij holds for any m, but float32 products of uncentred
+        weights lose every digit of it there.
         """
+        selected = None if names is None else set(names)
+        if selected is not None:
+            unknown = selected - set(self.subspace_parameter_names())
+            if unknown:
+                raise ValueError(f"gram(names=...): {sorted(unknown)[:3]} are not subspace parameters; see subspace_parameter_names()")
         K = self.num_anchors
-        rows = []
-        for i in range(K):
-            row = []
-            for j in range(K):
-                row.append(sum(torch.dot(self.anchors[i][g.name].reshape(-1), self.anchors[j][g.name].reshape(-1)).double() for g in self._groups))
-            rows.append(torch.stack(row))
-        return torch.stack(rows)
+        total: Tensor | None = None
+        for g in self._groups:
+            if selected is None or selected.issuperset(g.names):
+                pieces = [torch.stack([self.anchors[k][g.name].reshape(-1) for k in range(K)])]
+            else:
+                keep = [i for i, n in enumerate(g.names) if n in selected]
+                if not keep:
+                    continue
+                split = [self.anchors[k][g.name].reshape(-1).split(g.numels) for k in range(K)]
+                pieces = [torch.stack([split[k][i] for k in range(K)]) for i in keep]
+            for stacked in pieces:   # [K, n]
+                if centred:
+                    x = stacked.double()
+                    x = x - x.mean(0, keepdim=True)
+                    part = x @ x.T
+                else:
+                    part = (stacked @ stacked.T).double()
+                total = part if total is None else total + part
+        if total is None:
+            raise ValueError("gram(names=...) selected no parameter of this subspace")
+        return total
+
+    def weight_names(self) -> list[str]:
+        """Subspace parameters that are layer weights: ndim >= 2 and not exempted from weight
+        decay by the model's ``no_weight_decay()`` (convolution, linear and attention weights;
+        not norms, biases, position embeddings or class tokens). [W]'s cos^2 covers these."""
+        return [n for g in self._groups if g.decay for n in g.names]
 
     def num_subspace_parameters(self) -> int:
         """Number of network parameters that live in the subspace (per anchor)."""

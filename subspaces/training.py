@@ -1,8 +1,10 @@
 """The training loop shared by every recipe, on accelerate.
 
 One loop (:class:`Trainer`) trains a plain timm model or a subspace: per step the subspace draws
-its point, the loss adds the chosen regulariser (``beta * cos^2`` between anchors [W],
-``- volume_lambda * log Vol`` for simplexes [B]), then the optimiser (timm's
+its point (``samples_per_step`` points, one backward each, for [B]'s multi-sample estimate), the
+loss adds the chosen regulariser (``beta * cos^2`` between anchors' layer weights [W], [B]'s
+normalised ``- lambda / log(Vol0^2 + eps) * log(Vol^2 + eps)`` or ``- lambda * log Vol`` for
+simplexes), then the optimiser (timm's
 ``create_optimizer_v2``) and the scheduler (timm's ``create_scheduler_v2`` stepped per update,
 or a per-iteration torch scheduler such as FGE's) step. After every epoch it evaluates (a
 subspace at its centre, BatchNorm recomputed there), appends a line to ``metrics.jsonl`` and
@@ -49,7 +51,7 @@ from .config import ConfigError, save_config, validate_common_args
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .io import SHAPES, CheckpointError, file_digest, save_model, save_subspace, verify_checkpoint, write_json
-from .regularizers import cosine_penalty, log_volume
+from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace
 
 
@@ -166,6 +168,8 @@ def validate_train_args(args: argparse.Namespace) -> None:
         for flag in ("layerwise", "same_point"):
             if getattr(args, flag, False):
                 raise ConfigError(f"--{flag.replace('_', '-')} needs a --subspace (line, bezier, polychain or simplex)")
+        if getattr(args, "samples_per_step", 1) > 1:
+            raise ConfigError("--samples-per-step draws several points of a subspace per batch: add --subspace")
         if getattr(args, "beta", 0) or getattr(args, "volume_lambda", 0):
             raise ConfigError("--beta / --volume-lambda regularise a subspace: add --subspace")
     if getattr(args, "volume_lambda", 0) and sub not in ("simplex", "none"):
@@ -357,6 +361,7 @@ class Trainer:
     updates: int = 0
     examples_seen: int = 0     # this rank, this process: with input_sum, a fingerprint of its shard
     input_sum: float = 0.0
+    volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once per Trainer from the seed
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -383,15 +388,25 @@ class Trainer:
         else:
             self.scheduler.step()
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.args.smoothing)
-        sub = self.unwrapped
-        if isinstance(sub, Subspace):
-            if getattr(self.args, "beta", 0):
-                loss = loss + self.args.beta * cosine_penalty(sub).to(loss.dtype)
-            if getattr(self.args, "volume_lambda", 0):
-                loss = loss - self.args.volume_lambda * log_volume(sub).to(loss.dtype)
-        return loss
+    def _data_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.args.smoothing)
+
+    def _regulariser(self) -> torch.Tensor | None:
+        """beta cos^2 [W] minus the volume term [B] (``--volume-form``), or None for a plain model."""
+        a, sub = self.args, self.unwrapped
+        if not isinstance(sub, Subspace):
+            return None
+        terms = []
+        if getattr(a, "beta", 0):
+            terms.append(a.beta * cosine_penalty(sub, params=getattr(a, "beta_params", "weights")))
+        if getattr(a, "volume_lambda", 0):
+            if getattr(a, "volume_form", "benton") == "benton":
+                if self.volume_reference is None:
+                    self.volume_reference = reference_log_volume(sub, seed=a.seed)
+                terms.append(-a.volume_lambda / self.volume_reference * volume_penalty(sub))
+            else:
+                terms.append(-a.volume_lambda * log_volume(sub))
+        return sum(terms[1:], terms[0]) if terms else None
 
     def evaluate_now(self, final: bool) -> dict[str, dict[str, float]]:
         """Metrics per evaluated point (a plain model: its own BN; a subspace: BN recomputed per point)."""
@@ -453,8 +468,16 @@ class Trainer:
         try:
             for step, (x, y) in enumerate(self.train_loader, start=1):
                 with acc.accumulate(self.model):
+                    samples = max(1, getattr(a, "samples_per_step", 1))
+                    for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
+                        acc.backward(self._data_loss(self.model(x), y) / samples)
                     logits = self.model(x)
-                    loss = self._loss(logits, y)
+                    data_loss = self._data_loss(logits, y)
+                    loss = data_loss / samples if samples > 1 else data_loss
+                    reg = self._regulariser()
+                    if reg is not None:
+                        loss = loss + reg.to(loss.dtype)
+                    logged = loss if samples == 1 else data_loss + (reg.to(data_loss.dtype) if reg is not None else 0)
                     bad = ~torch.isfinite(loss.detach())
                     if acc.num_processes > 1:   # every rank stops together, none waits in an all-reduce
                         bad = acc.reduce(bad.float(), reduction="sum") > 0
@@ -476,7 +499,7 @@ class Trainer:
                         self.on_update(self, self.updates)
                 self.examples_seen += y.shape[0]
                 self.input_sum += float(x.detach().double().sum())
-                loss_sum += loss.detach() * y.shape[0]
+                loss_sum += logged.detach() * y.shape[0]   # the last point's loss and the regulariser
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
                 if step % a.log_interval == 0 or step == len(self.train_loader) or bar.bar is not None:
