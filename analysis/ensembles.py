@@ -2,17 +2,22 @@
 
 Reads the output folder of recipes/compare.py (``protocol.json``, ``results.json``,
 ``seedR/evaluation.json`` and the member run folders ``seedR/ind0..``, ``fge``, ``sse``, ``line1B``,
-``simplex1B``) and draws three rows of panels:
+``simplex1B``, ``spro0..``; ``seedR/logs`` and ``.claims`` are not members) and draws three rows of
+panels:
 
 1. test error and NLL of the ensemble of the first k members, k = 1..M, for every ensemble method
    of replicate ``--seed R`` (default 0), in the compare's member order: Ind (ind0, ind1, ...), SSE
-   and FGE (snapshot order, up to the largest budget), the line's evenly spaced points (t = 0 .. 1)
-   and the simplex's Dirichlet samples (the compare's draws). Each method is ONE pass over the
-   data (``evaluate(..., per_member=True)['by_size']``). SWA (one network: the average of the first
-   n FGE snapshots) is drawn at n; the line midpoint / simplex centre at 1, the line ends at 2, the
-   simplex vertices at their number. Budgets (1B, 2B, 3B) are marked on the SSE / FGE / Ind curves.
+   and FGE (snapshot order, up to the largest budget), the line's evenly spaced points (t = 0 .. 1),
+   the simplex's Dirichlet samples and ESPRO's samples (``--samples`` Dirichlet draws from the
+   SPRO simplex of each Ind network j in turn: ESPRO(k) is the first k x samples); the draws are
+   the compare's. Each method is ONE pass over the data (``evaluate(..., per_member=True)``:
+   ``by_size``, and ``members`` for "Single network", the mean of the Ind networks' own metrics).
+   Every network has its BatchNorm recomputed at its own weights first, the Ind networks
+   included, as in the compare. SWA (one network: the average of the first n FGE snapshots) is
+   drawn at n; the line midpoint / simplex centre at 1, the line endpoints at 2, the simplex
+   vertices at their number. Budgets (1B, 2B, 3B) are marked on the Ind / SSE / FGE / ESPRO curves.
 2. test error and NLL against the budget (1B, 2B, 3B) from the compare's results (all replicates:
-   mean +- std as error bars).
+   mean +- std as error bars), each cell at its training cost (k x B, ESPRO's SPRO epochs added).
 3. reliability diagrams (15 equal-width confidence bins: accuracy per bin, its gap to the
    confidence, ECE) of the best single network and the best ensemble: the lowest mean test error of
    the compare at the largest budget, among single networks and among ensembles; computed from the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +50,12 @@ from subspaces.config import ConfigError  # noqa: E402
 N_BINS = 15
 #: compare rows that are one network (the others average members' probabilities)
 SINGLE_ROWS = ("Single network", "SWA", "Line midpoint", "Simplex centre")
-COLORS = {"Single": "0.35", "Ind": "C0", "SSE": "C1", "FGE": "C2", "SWA": "C3", "Line": "C4", "Simplex": "C5"}
+#: the method families, in the order their rows' names are matched (a row starts with its family)
+FAMILIES = ("Ind", "SSE", "FGE", "SWA", "Line", "Simplex", "ESPRO")
+COLORS = {"Single": "0.35", "Ind": "C0", "SSE": "C1", "FGE": "C2", "SWA": "C3", "Line": "C4", "Simplex": "C5", "ESPRO": "C6"}
+#: size curves that are one of the compare's rows at every budget (curve name = row), marked at its budgets
+BUDGET_CURVES = ("Ind", "SSE", "FGE", "ESPRO")
+METRICS = ("acc", "nll", "ece", "brier")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +83,18 @@ def eval_subset_arg(value: str) -> int:
     return common.subset_arg(value) or 0
 
 
+def int_list(text: Any, what: str) -> list[int]:
+    """The sorted distinct positive whole numbers of a protocol's comma-separated list (``budgets``,
+    ``subspace_budgets``); ConfigError if it is not one."""
+    try:
+        values = sorted({int(v) for v in str(text).replace(" ", "").split(",") if v})
+    except ValueError:
+        raise ConfigError(f"protocol.json: {what} {text!r} is not a comma-separated list of whole numbers: is the compare run intact?") from None
+    if not values or values[0] < 1:
+        raise ConfigError(f"protocol.json: {what} {text!r} holds no positive multiples of B: is the compare run intact?")
+    return values
+
+
 # ------------------------------------------------------------------------------------ the compare folder
 @dataclass
 class Compare:
@@ -96,7 +119,7 @@ def _read_json(path: Path) -> Any:
 
 def open_compare(folder: str, replicate: int) -> Compare:
     """The compare run in ``folder`` with replicate ``replicate`` evaluated; ConfigError if it is not one."""
-    from subspaces.compare import SEED_STRIDE, _int_list, aggregate
+    from subspaces.compare import SEED_STRIDE, aggregate
     from subspaces.config import read_config
 
     root = Path(folder)
@@ -129,13 +152,13 @@ def open_compare(folder: str, replicate: int) -> Compare:
             raise ConfigError(f"{root / f'seed{r}' / 'evaluation.json'} holds no evaluation rows: is the compare run intact?")
     results = _read_json(root / "results.json") if (root / "results.json").is_file() else None
     if results and isinstance(results.get("table"), dict):
-        budgets = [int(k) for k in results.get("plan", {}).get("budgets") or _int_list(protocol["budgets"], "budgets")]
+        budgets = [int(k) for k in results.get("plan", {}).get("budgets") or int_list(protocol["budgets"], "budgets")]
         table, source = results["table"], "results.json"
         seeds = list(results.get("seeds") or [])
         replicates = len(results.get("per_seed") or []) or len(evaluated)
         title = results.get("title") or ""
     else:   # a compare still running its later replicates: the replicates evaluated so far
-        budgets = _int_list(protocol["budgets"], "budgets")
+        budgets = int_list(protocol["budgets"], "budgets")
         table = aggregate([per_seed[r] for r in evaluated], budgets)
         source = f"seed{{{','.join(str(r) for r in evaluated)}}}/evaluation.json (no results.json yet)"
         seeds, replicates, title = [], len(evaluated), ""
@@ -151,7 +174,9 @@ def open_compare(folder: str, replicate: int) -> Compare:
 class Pass:
     """One ensemble evaluated in one pass over the data: its members (paths, modules or factories),
     the prefix length that forms its size curve (0: none), the compare rows it holds (row, "kB") ->
-    member indices averaged, and budget marks on the curve ("kB" -> prefix size)."""
+    member indices averaged, budget marks on the curve ("kB" -> prefix size), and the row whose
+    metrics are the mean over its members of each member's own metrics, m = (1/M) sum_j m(p_j)
+    (``alone``: the compare's "Single network", from the Ind pass)."""
 
     name: str
     members: list[Any]
@@ -159,6 +184,7 @@ class Pass:
     subsets: dict[tuple[str, str], list[int]]
     marks: dict[str, int] = field(default_factory=dict)
     family: str = ""
+    alone: tuple[str, str] | None = None
 
 
 def _recording_ensemble(members: list[Any], subsets: dict[tuple[str, str], list[int]]):
@@ -206,11 +232,18 @@ class Tracked:
 
 
 def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, device: Any) -> list[Pass]:
-    """The passes of replicate R, in the compare's member order (what ``evaluate_replicate`` evaluated)."""
+    """The passes of replicate R, in the compare's member order (what ``evaluate_replicate`` evaluated).
+
+    Every member has its BatchNorm recomputed at its own weights on ``bn_batches`` batches of
+    ``bn_loader`` before it is evaluated: the Ind networks on loading, the subspace points on
+    export, SWA after averaging (the snapshots were saved so by their runs).
+    """
     import torch
 
+    from subspaces.bn import update_bn
+    from subspaces.compare import OFFSETS
     from subspaces.ensembles import subspace_points
-    from subspaces.io import load_subspace
+    from subspaces.io import load_model, load_subspace
     from subspaces.snapshots import list_snapshots, swa_average
 
     rows = cmp.rows
@@ -224,7 +257,10 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
         raise ConfigError(f"{seed_dir / 'evaluation.json'} has no Ind row: is it the evaluation of a compare run?")
     n = max(ind.values())
     subsets = {("Ind", b): list(range(k)) for b, k in ind.items()}   # Ind 1B: ind0, a single network
-    passes.append(Pass("Ind", [seed_dir / f"ind{j}" / "model.safetensors" for j in range(n)], n, subsets, dict(ind), "Ind"))
+    recomputed = [lambda p=seed_dir / f"ind{j}" / "model.safetensors": update_bn(load_model(p).to(device), bn_loader, max_batches=bn_batches)
+                  for j in range(n)]
+    alone = ("Single network", "1B") if "1B" in rows.get("Single network", {}) else None
+    passes.append(Pass("Ind", recomputed, n, subsets, dict(ind), "Ind", alone))
     for method in ("SSE", "FGE"):
         counts = members_at(method)
         if not counts:
@@ -240,14 +276,14 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
             makers = [lambda k=k: swa_average(paths[:k], bn_loader, bn_batches) for k in swa.values()]
             passes.append(Pass("SWA", makers, 0, {("SWA", b): [i] for i, b in enumerate(swa)}, dict(swa), "SWA"))
     samples = int(cmp.protocol.get("samples", 5))
-    for k in _int_list_quiet(cmp.protocol.get("subspace_budgets", "1")):
+    for k in int_list(cmp.protocol.get("subspace_budgets", "1"), "subspace_budgets"):
         b = f"{k}B"
         if b in rows.get("Line midpoint", {}):
             line = load_subspace(seed_dir / f"line{k}B").to(device)
             ts = [float(t) for t in subspace_points(line, "even", samples)]
             points: list[Any] = [*ts, 0.5]
             makers = [lambda p=p, sub=line: sub.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in points]
-            subsets = {(f"Line {samples} points (ens.)", b): list(range(samples)), ("Line ends (ens.)", b): [0, samples - 1],
+            subsets = {(f"Line {samples} points (ens.)", b): list(range(samples)), ("Line endpoints (ens.)", b): [0, samples - 1],
                        ("Line midpoint", b): [samples]}
             passes.append(Pass(f"Line {b}", makers, samples, subsets, {b: samples}, "Line"))
         if b in rows.get("Simplex centre", {}):
@@ -258,15 +294,34 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
             points = [*draws, None, *subspace_points(sim, "ends")]
             makers = [lambda p=p, sub=sim: sub.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in points]
             subsets = {(f"Simplex {samples} samples (ens.)", b): list(range(samples)), ("Simplex centre", b): [samples],
-                       (f"Simplex {V} vertices (ens.)", b): list(range(samples + 1, samples + 1 + V))}
+                       ("Simplex vertices (ens.)", b): list(range(samples + 1, samples + 1 + V))}
             passes.append(Pass(f"Simplex {b}", makers, samples, subsets, {b: samples}, "Simplex"))
+    espro = members_at("ESPRO")
+    if espro:   # ESPRO(k): the samples of the SPRO simplexes of ind0 .. ind{k-1}, k x samples members
+        n = max(espro.values())
+        if n % samples or any(m % samples for m in espro.values()):
+            raise ConfigError(f"{seed_dir / 'evaluation.json'}: ESPRO has {sorted(espro.values())} members, not multiples of the "
+                              f"compare's {samples} samples per simplex: is the run intact?")
+        V = espro_vertices(cmp.protocol, seed_dir)
+        makers = []
+        for j in range(n // samples):
+            sim = load_subspace(seed_dir / f"spro{j}" / f"vertex{V - 1}").to(device)
+            gen = torch.Generator().manual_seed(int(cmp.protocol["seed"]) + OFFSETS["espro"] + j)   # the compare's draws
+            makers += [lambda p=p, sub=sim: sub.export(p, bn_loader=bn_loader, bn_batches=bn_batches)
+                       for p in subspace_points(sim, "random", samples, gen)]
+        passes.append(Pass("ESPRO", makers, n, {("ESPRO", b): list(range(m)) for b, m in espro.items()}, dict(espro), "ESPRO"))
     return passes
 
 
-def _int_list_quiet(text: Any) -> list[int]:
-    from subspaces.compare import _int_list
-
-    return _int_list(str(text), "subspace-budgets")
+def espro_vertices(protocol: dict[str, Any], seed_dir: Path) -> int:
+    """Vertices V of each ESPRO simplex (its final stage is ``spro{j}/vertex{V-1}``): the protocol's
+    ``espro_vertices``, else the last stage folder of ``spro0``."""
+    if protocol.get("espro_vertices") is not None:
+        return int(protocol["espro_vertices"])
+    stages = [int(p.name[6:]) for p in (seed_dir / "spro0").glob("vertex*") if p.name[6:].isdigit()]
+    if not stages:
+        raise ConfigError(f"{seed_dir / 'spro0'} has no SPRO stages (vertex1, ...): is the compare run intact?")
+    return max(stages) + 1
 
 
 # ------------------------------------------------------------------------------------ reliability
@@ -347,6 +402,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     by_size: dict[str, Any] = {}
     probs: dict[tuple[str, str], Any] = {}
+    alone: dict[tuple[str, str], dict[str, float]] = {}
     with common.progress_bar() as bar:
         for ps in passes:
             eval_loader.bar, eval_loader.task = bar, bar.add_task(f"{ps.name} ({len(ps.members)} networks)", total=len(eval_loader))
@@ -354,10 +410,12 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             res = evaluate(ens, eval_loader, num_classes=C, device=device, per_member=True)
             for key, chunks in ens.records.items():
                 probs[key] = torch.cat(chunks)
+            if ps.alone is not None:   # the mean of the members' own metrics
+                alone[ps.alone] = {m: statistics.fmean(float(r[m]) for r in res["members"]) for m in METRICS}
             if ps.curve:
                 curve = res["by_size"][:ps.curve]
                 by_size[ps.name] = {"family": ps.family, "members": ps.curve, "budget_sizes": ps.marks,
-                                    **{m: [c[m] for c in curve] for m in ("acc", "nll", "ece", "brier")},
+                                    **{m: [c[m] for c in curve] for m in METRICS},
                                     "error": [100 * (1 - c["acc"]) for c in curve]}
             del ens
     labels = torch.cat(eval_loader.labels)
@@ -369,6 +427,8 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         metric.update(p, labels)
         m = metric.compute()
         points.setdefault(row, {})[b] = {**m, "error": 100 * (1 - m["acc"]), "members": sizes[(row, b)]}
+    for (row, b), m in alone.items():
+        points.setdefault(row, {})[b] = {**m, "error": 100 * (1 - m["acc"]), "members": 1}
     check = compare_check(cmp.rows, points, by_size, same_data=(eval_subset == own_eval))
 
     reliab: dict[str, Any] = {}
@@ -389,7 +449,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
                         "error": points[key[0]][key[1]]["error"], "nll": points[key[0]][key[1]]["nll"],
                         "ece_metrics": points[key[0]][key[1]]["ece"], **rel}
 
-    budget = {row: {b: {k: c[k] for k in ("error", "error_std", "nll", "nll_std", "ece", "ece_std", "members", "n") if k in c}
+    budget = {row: {b: {k: c[k] for k in ("error", "error_std", "nll", "nll_std", "ece", "ece_std", "members", "cost", "n") if k in c}
                     for b, c in per.items()} for row, per in cmp.table.items()}
     seconds = timer()
     data_out = {"compare_dir": str(cmp.root), "title": cmp.title, "replicate": args.seed,
@@ -405,34 +465,34 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
 
 def compare_check(rows: dict[str, Any], points: dict[str, Any], by_size: dict[str, Any], same_data: bool) -> dict[str, Any]:
-    """The largest difference between the recomputed metrics of replicate R and the compare's own
-    ``evaluation.json`` (the same networks on the same data should agree to float precision)."""
+    """The largest difference max |m_here - m_compare| over the metrics (acc, NLL, Brier, ECE) of
+    every recomputed cell of replicate R and the compare's own ``evaluation.json``: the cells of
+    ``points`` (the "Single network" one the mean of the Ind networks' own metrics, as the
+    compare's) and the budget prefixes of the Ind / SSE / FGE / ESPRO size curves (the same
+    networks on the same data should agree to float precision)."""
     if not same_data:
         return {"compared": 0, "note": "--eval-subset differs from the compare's: not comparable"}
     diffs = []
     for row, per in points.items():
-        if row == "Single network":   # the compare's is the mean of the Ind networks' own results
-            continue
         for b, m in per.items():
             theirs = rows.get(row, {}).get(b)
             if theirs:
-                diffs.append(max(abs(m[k] - theirs[k]) for k in ("acc", "nll", "brier", "ece")))
-    for name, curve in by_size.items():   # the last point of the size curve is the full ensemble
+                diffs.append(max(abs(m[k] - theirs[k]) for k in METRICS))
+    for name, curve in by_size.items():   # the prefix of the size curve at a budget is that budget's ensemble
         for b, n in curve["budget_sizes"].items():
-            row = {"Ind": "Ind", "SSE": "SSE", "FGE": "FGE"}.get(name)
-            theirs = rows.get(row, {}).get(b) if row else None
+            theirs = rows.get(name, {}).get(b) if name in BUDGET_CURVES else None
             if theirs:
-                diffs.append(max(abs(curve[k][n - 1] - theirs[k]) for k in ("acc", "nll", "brier", "ece")))
+                diffs.append(max(abs(curve[k][n - 1] - theirs[k]) for k in METRICS))
     return {"compared": len(diffs), "max_abs_diff": max(diffs) if diffs else None}
 
 
 # ------------------------------------------------------------------------------------ the figure
 def _style(row: str) -> dict[str, Any]:
-    fam = next((f for f in ("Ind", "SSE", "FGE", "SWA", "Line", "Simplex") if row.startswith(f)), "Single")
-    marker = {"Single": "o", "Ind": "o", "SSE": "o", "FGE": "o", "SWA": "*"}.get(fam, "o")
+    fam = next((f for f in FAMILIES if row.startswith(f)), "Single")
+    marker = "*" if fam == "SWA" else "o"
     if "midpoint" in row or "centre" in row:
         marker = "D"
-    elif "ends" in row or "vertices" in row:
+    elif "endpoints" in row or "vertices" in row:
         marker = "s"
     elif "points" in row or "samples" in row:
         marker = "^"
@@ -459,12 +519,12 @@ def plot(data: dict):
         st = _style(name)
         for ax, key in ((axes[0, 0], "error"), (axes[0, 1], "nll")):
             ax.plot(x, c[key], color=st["color"], marker=".", ms=4, lw=1.6, label=f"{name} ({c['members']})")
-            if name in ("Ind", "SSE", "FGE"):
+            if name in BUDGET_CURVES:
                 for b, n in c["budget_sizes"].items():
                     ax.plot([n], [c[key][n - 1]], ls="none", marker="o", ms=8, mfc="none", mec=st["color"], mew=1.3)
                     ax.annotate(b, (n, c[key][n - 1]), textcoords="offset points", xytext=(4, 4), fontsize=7, color=st["color"])
     for row, per in sorted(data["points"].items(), key=lambda kv: row_rank(kv[0])):
-        if row in ("Ind", "SSE", "FGE", "Single network") or "points" in row or "samples" in row:
+        if row in (*BUDGET_CURVES, "Single network") or "points" in row or "samples" in row:
             continue   # on the curves already
         st = _style(row)
         for i, (b, m) in enumerate(sorted(per.items(), key=lambda kv: int(kv[0][:-1]))):
@@ -487,20 +547,25 @@ def plot(data: dict):
     # (2) budgets
     budgets = data["budgets"]
     rows = sorted(data["budget"], key=row_rank)
+    at: set[float] = set(budgets)   # x ticks: the budgets and every cell's cost
     for j, row in enumerate(rows):
         per = data["budget"][row]
         bs = [b for b in budgets if f"{b}B" in per]
         st = _style(row)
         shift = (j - (len(rows) - 1) / 2) * 0.03
+        costs = [float(per[f"{b}B"].get("cost", b)) for b in bs]   # k, and k (1 + SPRO epochs / B) for ESPRO
+        label = row + (" (at its cost)" if any(abs(c - b) > 1e-9 for c, b in zip(costs, bs)) else "")
+        at.update(costs)
         for ax, key in ((axes[1, 0], "error"), (axes[1, 1], "nll")):
-            ax.errorbar([b + shift for b in bs], [per[f"{b}B"][key] for b in bs], yerr=[per[f"{b}B"].get(f"{key}_std", 0) for b in bs],
+            ax.errorbar([c + shift for c in costs], [per[f"{b}B"][key] for b in bs], yerr=[per[f"{b}B"].get(f"{key}_std", 0) for b in bs],
                         color=st["color"], marker=st["marker"], ms=8 if st["marker"] == "*" else 5, capsize=3, lw=1.2,
-                        ls="-" if len(bs) > 1 else "none", label=row)
+                        ls="-" if len(bs) > 1 else "none", label=label)
     n = data["replicates"]
     for ax, what in ((axes[1, 0], "test error (%)"), (axes[1, 1], "test NLL")):
-        ax.set_xticks(budgets)
-        ax.set_xticklabels([f"{b}B" for b in budgets])
-        ax.set_xlabel("training budget (B = epochs of one network)")
+        ticks = sorted(at)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:.3g}B" for t in ticks])
+        ax.set_xlabel("training budget / cost (B = epochs of one network)")
         ax.set_ylabel(what)
         ax.set_title(f"{what} vs budget: mean ± std over {n} replicate{'s' if n != 1 else ''} (the compare's results)", fontsize=10)
         ax.grid(alpha=0.3)

@@ -2,7 +2,7 @@
 
 The ends are the two networks, frozen; the interior anchors start on the straight segment and are
 trained on E_{t~U(0,1)} L(w(t)) (or, with --sampling arc_length, t drawn with density ||w'(t)||).
-Defaults follow [G] (SCIENCE.md §2): SGD momentum 0.9, batch 128, lr 0.015, constant for the first
+Defaults follow [G] (docs/science.md §2): SGD momentum 0.9, batch 128, lr 0.015, constant for the first
 half, then linear decay to 1% by 90% of training.
 
     accelerate launch recipes/connect.py runs/a runs/b --curve bezier --epochs 20

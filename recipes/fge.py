@@ -1,4 +1,4 @@
-"""Fast Geometric Ensembling [G] (SCIENCE.md §3): cycle the learning rate from a trained network.
+"""Fast Geometric Ensembling [G] (docs/science.md §3): cycle the learning rate from a trained network.
 
 Starts from a trained network and its optimiser state (a run folder of recipes/train.py: its
 ``model.safetensors`` and the momentum buffers in ``checkpoint/optimizer.bin``), runs SGD with

@@ -1,4 +1,4 @@
-"""Snapshot ensembles [S] (SCIENCE.md §3): one network from scratch, cosine annealing restarted
+"""Snapshot ensembles [S] (docs/science.md §3): one network from scratch, cosine annealing restarted
 every cycle, a snapshot (BatchNorm recomputed) at the end of each cycle; evaluates the ensemble
 after 1..M snapshots (probabilities averaged).
 

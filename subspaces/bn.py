@@ -1,4 +1,4 @@
-"""BatchNorm statistics recomputed at a point of a subspace (SCIENCE.md §2).
+"""BatchNorm statistics recomputed at a point of a subspace (docs/science.md §6).
 
 One set of running statistics is shared by every point during training, so it is right for none
 of them. Before evaluating a point, reset the statistics of every BatchNorm-type module and

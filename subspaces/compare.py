@@ -1,4 +1,4 @@
-"""The comparison protocol of [G]'s Table 1 at training budgets 1B, 2B, 3B (SCIENCE.md §3-§5).
+"""The comparison protocol of [G]'s Table 1 at training budgets 1B, 2B, 3B (docs/science.md).
 
 B is the number of epochs of one standard network. At a budget kB:
 
@@ -11,11 +11,21 @@ B is the number of epochs of one standard network. At a budget kB:
 - **SWA**: the FGE(kB) snapshots averaged in weight space, BatchNorm recomputed: the cost of FGE(kB).
 - **Line** / **Simplex** from scratch [W]: a shape trained for kB epochs costs kB (one
   forward/backward per batch, as a standard network); its midpoint / centre, the ensemble of its
-  ends / vertices, and the ensemble of k points on it, BatchNorm recomputed at every point.
+  endpoints / vertices, and the ensemble of points on it.
+- **ESPRO** [B]: a SPRO simplex grown from each of the first k Ind networks, points sampled from
+  all k simplexes; its cost is kB plus the SPRO epochs (times the points per batch).
 
-Every member is a run folder under ``OUTPUT/seedR/`` with its own checkpoints: a stopped compare
-run started again skips finished members and resumes unfinished ones. Results: a table on the
-console and ``results.md``, ``results.json``, ``results.csv`` in OUTPUT.
+Every evaluated network has its BatchNorm statistics recomputed at its own weights first, the
+Ind networks included, and every ensemble averages probabilities.
+
+Members are independent runs, each a run folder under ``OUTPUT/seedR/`` with its own checkpoints,
+trained by one process each: ``--jobs`` of them at a time in worker processes (``--threads``
+torch threads each), or, under ``torchrun`` / ``accelerate launch --num_processes N``, shared out
+between the ranks (each claims the next member whose inputs are ready). Every member trains
+alone, so the plan (global batch, updates per epoch, snapshot counts) is the same under any
+launcher. A stopped compare run started again skips finished members and resumes unfinished ones.
+Results: a table and the papers' claims checked on it (:mod:`subspaces.claims`), on the console
+and in ``results.md``, ``results.json``, ``results.csv`` in OUTPUT.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,9 +49,11 @@ from typing import Any
 
 import torch
 
+from .bn import update_bn
+from .claims import check_claims, render_claims
 from .config import ConfigError, save_config
 from .data import DataBundle, make_loader
-from .ensembles import Ensemble, evaluate, load_ensemble, subspace_points
+from .ensembles import Ensemble, evaluate, subspace_points
 from .io import load_model, load_subspace, save_model, write_json
 from .snapshots import (
     cycle_iterations,
@@ -51,12 +65,18 @@ from .snapshots import (
     validate_cycle,
 )
 
-METHODS = ("ind", "sse", "fge", "swa", "line", "simplex")
+METHODS = ("ind", "sse", "fge", "swa", "line", "simplex", "espro")
 #: flags that describe the job, not the protocol: a restarted compare may change them
-JOB_KEYS = ("seeds", "output", "resume", "stop_after_runs", "log_interval", "workers", "eval_batch_size", "cpu", "config", "threads")
+JOB_KEYS = ("seeds", "output", "resume", "stop_after_runs", "log_interval", "workers", "eval_batch_size", "cpu", "config",
+            "threads", "jobs")
 
+#: replicate r uses seeds seed + SEED_STRIDE * r; within it each method's members start at OFFSETS[method]
 SEED_STRIDE = 1000
-OFFSETS = {"ind": 0, "sse": 10, "fge": 20, "line": 30, "simplex": 40}
+OFFSETS = {"ind": 0, "sse": 10, "fge": 20, "line": 30, "simplex": 40, "espro": 50}
+#: environment variables of a distributed launch: a member's worker process must not see them,
+#: or accelerate would join it to the launcher's process group
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def log(msg: str) -> None:
@@ -78,6 +98,9 @@ class Plan:
     fge_epochs: int                # epochs of the FGE run (the last may go past the budget; unused)
     sse_cycle: int
     sse_epochs: int
+    espro_vertices: int = 0        # vertices of each SPRO simplex, the Ind network included
+    spro_epochs: int = 0           # epochs per added vertex
+    spro_samples_per_step: int = 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +113,15 @@ class Plan:
     def sse_count(self, k: int, snaps: list[int]) -> int:
         return sum(1 for i in snaps if i <= k * self.budget_iters)
 
+    @property
+    def spro_cost(self) -> float:
+        """Cost of one SPRO simplex in B: (vertices - 1) x epochs per vertex x points per batch / B."""
+        return (self.espro_vertices - 1) * self.spro_epochs * self.spro_samples_per_step / self.B
+
+    def cost(self, row: str, k: int) -> float:
+        """Training cost of a table cell in B: k for every method but ESPRO, which adds its SPRO epochs."""
+        return k * (1 + self.spro_cost) if row == "ESPRO" else float(k)
+
 
 def _int_list(text: str, what: str) -> list[int]:
     try:
@@ -101,8 +133,12 @@ def _int_list(text: str, what: str) -> list[int]:
     return sorted(set(values))
 
 
-def make_plan(args: argparse.Namespace, num_train: int, num_processes: int = 1) -> Plan:
-    """Validate the protocol's flags and derive its numbers; ConfigError names what is wrong."""
+def make_plan(args: argparse.Namespace, num_train: int) -> Plan:
+    """Validate the protocol's flags and derive its numbers; ConfigError names what is wrong.
+
+    Every member trains in a process of its own, so the updates per epoch are those of one
+    process with ``--batch-size`` and ``--grad-accum-steps`` whatever the launcher.
+    """
     if args.epochs < 1:
         raise ConfigError(f"--epochs (the budget B of one standard network) must be >= 1, got {args.epochs}")
     if args.seeds < 1:
@@ -122,7 +158,7 @@ def make_plan(args: argparse.Namespace, num_train: int, num_processes: int = 1) 
     if not 0 < args.fge_pretrain < 1:
         raise ConfigError(f"--fge-pretrain {args.fge_pretrain}: the fraction of B before FGE starts must be in (0, 1) ([G]: 0.8)")
     B = args.epochs
-    upe = updates_per_epoch(num_train, args.batch_size, num_processes, args.grad_accum_steps)
+    upe = updates_per_epoch(num_train, args.batch_size, 1, args.grad_accum_steps)
     Bi = B * upe
     top = max(budgets)
     pre = round(args.fge_pretrain * Bi)
@@ -150,8 +186,17 @@ def make_plan(args: argparse.Namespace, num_train: int, num_processes: int = 1) 
             sse_cycle = cycle_iterations("sse", upe, args.sse_cycle, args.sse_cycle_iters)
         validate_cycle("sse", sse_cycle, top * Bi, budget_iters=Bi)
         sse_epochs = top * B
+    espro = {}
+    if "espro" in methods:
+        if args.espro_vertices < 2:
+            raise ConfigError(f"--espro-vertices {args.espro_vertices}: a SPRO simplex needs at least 2 vertices (the Ind network and one more)")
+        if args.spro_epochs < 1 or args.spro_samples_per_step < 1:
+            raise ConfigError(f"--spro-epochs and --spro-samples-per-step must be >= 1, got {args.spro_epochs} and {args.spro_samples_per_step}")
+        if args.spro_lr <= 0 or args.spro_volume_lambda < 0:
+            raise ConfigError(f"--spro-lr must be > 0 and --spro-volume-lambda >= 0, got {args.spro_lr} and {args.spro_volume_lambda}")
+        espro = {"espro_vertices": args.espro_vertices, "spro_epochs": args.spro_epochs, "spro_samples_per_step": args.spro_samples_per_step}
     return Plan(B=B, upe=upe, budgets=budgets, subspace_budgets=sub_budgets, methods=methods, pretrain_iter=pre,
-                fge_cycle=fge_cycle, fge_epochs=fge_epochs, sse_cycle=sse_cycle, sse_epochs=sse_epochs, notes=notes)
+                fge_cycle=fge_cycle, fge_epochs=fge_epochs, sse_cycle=sse_cycle, sse_epochs=sse_epochs, notes=notes, **espro)
 
 
 def accounting(plan: Plan, args: argparse.Namespace) -> list[str]:
@@ -178,8 +223,13 @@ def accounting(plan: Plan, args: argparse.Namespace) -> list[str]:
     if "simplex" in plan.methods:
         lines.append(f"Simplex(kB): a {args.simplex_vertices}-vertex simplex from scratch (beta {args.simplex_beta:g}) trained k x B epochs: "
                      f"cost k x B; trained at {sb}. Centre; vertices; {args.samples} Dirichlet(1) samples.")
-    lines.append(f"BatchNorm recomputed at every snapshot, average and subspace point on {args.bn_batches} batches of unaugmented "
-                 "training images; Ind networks keep their trained statistics.")
+    if "espro" in plan.methods:
+        lines.append(f"ESPRO(k) [B]: from each of the first k Ind networks a SPRO simplex of {plan.espro_vertices} vertices, each added vertex "
+                     f"trained {plan.spro_epochs} epochs (lr {args.spro_lr:g}, {plan.spro_samples_per_step} point(s) per batch, volume lambda "
+                     f"{args.spro_volume_lambda:g} on [B]'s scale); {args.samples} points sampled from each simplex: cost k x (1 + "
+                     f"{plan.spro_cost:.3f}) x B.")
+    lines.append(f"BatchNorm recomputed at every evaluated network (the Ind networks, snapshots, averages and subspace points) on "
+                 f"{args.bn_batches} batches of unaugmented training images, weighted by samples; ensembles average probabilities.")
     return lines + plan.notes
 
 
@@ -192,6 +242,7 @@ def _member_args(args: argparse.Namespace, folder: Path, seed: int, epochs: int,
     m.layerwise = m.same_point = False
     m.sampling, m.include, m.exclude = "global", None, None
     m.beta, m.volume_lambda = extra.pop("beta", 0.0), 0.0
+    m.beta_params, m.volume_form, m.samples_per_step = "weights", "benton", 1
     m.eval_every = 10**9          # evaluate once, after the last epoch
     m.resume = None
     m.stop_after_epochs = None
@@ -205,10 +256,20 @@ def _has_checkpoint(folder: Path) -> bool:
 
 
 def _train_seconds(folder: Path) -> float:
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return 0.0
-    return sum(json.loads(ln).get("seconds", 0.0) for ln in path.read_text().splitlines() if ln.strip())
+    total = 0.0
+    for path in [folder / "metrics.jsonl", *sorted(folder.glob("vertex*/metrics.jsonl"))]:
+        if path.exists():
+            total += sum(json.loads(ln).get("seconds", 0.0) for ln in path.read_text().splitlines() if ln.strip())
+    return total
+
+
+@dataclass(frozen=True)
+class Task:
+    """One member run of replicate ``replicate``: ``name`` is its folder, ``deps`` the members it starts from."""
+
+    replicate: int
+    name: str
+    deps: tuple[str, ...] = ()
 
 
 class Runner:
@@ -216,25 +277,14 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace, plan: Plan, data: DataBundle, spec: dict[str, Any], root: Path, seed: int) -> None:
         self.args, self.plan, self.data, self.spec, self.root, self.seed = args, plan, data, spec, root, seed
-        self.trained = 0   # member runs trained (not reused) by this job
 
-    # -- budget for the job (tests and partial runs)
-    def _may_train(self) -> bool:
-        limit = self.args.stop_after_runs
-        return limit is None or self.trained < limit
-
-    def standard(self, name: str, seed: int, epochs: int, subspace: str = "none", on_update: Any = None, **extra: Any) -> bool:
-        """Train a plain network or a shape from scratch into ``root/name`` (or reuse it). True when finished."""
+    def standard(self, name: str, seed: int, epochs: int, subspace: str = "none", on_update: Any = None, **extra: Any) -> None:
+        """Train a plain network or a shape from scratch into ``root/name`` (resuming its checkpoint)."""
         from accelerate.utils import set_seed
 
         from .training import Trainer, create_timm_model, finish_run, make_accelerator, wrap_subspace
 
         folder = self.root / name
-        if (folder / "results.json").exists():
-            log(f"{folder}: finished earlier, reused")
-            return True
-        if not self._may_train():
-            return False
         margs = _member_args(self.args, folder, seed, epochs, subspace, **extra)
         folder.mkdir(parents=True, exist_ok=True)
         acc = make_accelerator(margs)
@@ -246,15 +296,11 @@ class Runner:
         resume = _has_checkpoint(folder)
         what = "standard network" if subspace == "none" else f"{subspace} from scratch"
         log(f"{folder}: {what}, {epochs} epochs, seed {seed}" + (" (resuming)" if resume else ""))
-        t0 = time.perf_counter()
         trainer = Trainer(margs, net, self.data, self.spec, acc, folder, on_update=on_update)
         trainer.fit(resume=resume)
         finish_run(trainer, f"{name} (seed {seed})")
-        self.trained += 1
-        log(f"{folder}: done in {time.perf_counter() - t0:.0f} s")
-        return True
 
-    def ind(self, j: int) -> bool:
+    def ind(self, j: int) -> None:
         seed = self.seed + OFFSETS["ind"] + j
         if j != 0 or "fge" not in self.plan.methods:
             return self.standard(f"ind{j}", seed, self.plan.B)
@@ -267,8 +313,6 @@ class Runner:
                 log(f"{folder}: its checkpoint is past iteration {P} but the FGE pre-training checkpoint is missing: training it again")
                 for n in ("checkpoint", "checkpoint.old"):
                     shutil.rmtree(folder / n, ignore_errors=True)
-        if (folder / "results.json").exists() and not pre_done:
-            raise ConfigError(f"{folder} is finished but its FGE pre-training checkpoint {pre} is missing: delete {folder} to train it again")
 
         def save_pretrain(trainer: Any, update: int) -> None:
             if update != P:
@@ -282,17 +326,12 @@ class Runner:
 
         return self.standard("ind0", seed, self.plan.B, on_update=save_pretrain)
 
-    def snapshots(self, method: str) -> bool:
+    def snapshots(self, method: str) -> None:
         from accelerate.utils import set_seed
 
         from .training import create_timm_model, make_accelerator
 
         folder = self.root / method
-        if is_finished(folder):
-            log(f"{folder}: finished earlier, reused")
-            return True
-        if not self._may_train():
-            return False
         p, a = self.plan, self.args
         seed = self.seed + OFFSETS[method]
         epochs = p.fge_epochs if method == "fge" else p.sse_epochs
@@ -300,7 +339,6 @@ class Runner:
         acc = make_accelerator(margs)
         set_seed(seed)
         resume = _has_checkpoint(folder)
-        t0 = time.perf_counter()
         if method == "fge":
             pre = self.root / "ind0" / "pretrain"
             model = load_model(pre / "model.safetensors")
@@ -313,35 +351,192 @@ class Runner:
             lr_max = a.sse_lr_max if a.sse_lr_max is not None else a.lr
             log(f"{folder}: SSE from scratch, {epochs} epochs, cycle {p.sse_cycle} iterations, seed {seed}" + (" (resuming)" if resume else ""))
             res = train_snapshots("sse", margs, model, self.data, self.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=acc)
-        self.trained += 1
-        log(f"{folder}: done in {time.perf_counter() - t0:.0f} s, {len(res['snapshots'])} snapshots")
-        return bool(res["finished"])
+        log(f"{folder}: {len(res['snapshots'])} snapshots")
 
-    def run_all(self) -> bool:
-        """Train every member this replicate needs; False when the job's --stop-after-runs cut it short."""
+    def spro(self, j: int) -> None:
+        """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
+        from .spro import grow_simplex
+        from .training import make_accelerator
+
+        p, folder = self.plan, self.root / f"spro{j}"
+        margs = _member_args(self.args, folder, self.seed + OFFSETS["espro"], p.spro_epochs, "simplex",
+                             vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0, volume_lambda=self.args.spro_volume_lambda,
+                             samples_per_step=p.spro_samples_per_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
+        grow_simplex(margs, str(self.root / f"ind{j}" / "model.safetensors"), folder, make_accelerator(margs), j)
+
+    def tasks(self, replicate: int) -> list[Task]:
+        """The members of this replicate in the order they start, each after the members it starts from."""
         p = self.plan
-        steps: list[Any] = [lambda j=j: self.ind(j) for j in range(max(p.budgets))]
-        if "fge" in p.methods:
-            steps.append(lambda: self.snapshots("fge"))
+        # the longest runs first, so that worker processes finish together: ind0 (FGE starts
+        # from it), SSE (top x B), FGE (top x B - 0.8B), then the rest
+        inds = [Task(replicate, f"ind{j}") for j in range(max(p.budgets))]
+        out = inds[:1]
         if "sse" in p.methods:
-            steps.append(lambda: self.snapshots("sse"))
+            out.append(Task(replicate, "sse"))
+        if "fge" in p.methods:
+            out.append(Task(replicate, "fge", ("ind0",)))
+        out += inds[1:]
         for k in p.subspace_budgets:
-            if "line" in p.methods:
-                steps.append(lambda k=k: self.standard(f"line{k}B", self.seed + OFFSETS["line"] + k, k * p.B, "line", beta=self.args.line_beta))
-            if "simplex" in p.methods:
-                steps.append(lambda k=k: self.standard(f"simplex{k}B", self.seed + OFFSETS["simplex"] + k, k * p.B, "simplex",
-                                                       beta=self.args.simplex_beta, vertices=self.args.simplex_vertices))
-        for step in steps:
-            if not step():
-                return False
-        return True
+            for shape in ("line", "simplex"):
+                if shape in p.methods:
+                    out.append(Task(replicate, f"{shape}{k}B"))
+        if "espro" in p.methods:
+            out += [Task(replicate, f"spro{j}", (f"ind{j}",)) for j in range(max(p.budgets))]
+        return out
+
+    def is_done(self, name: str) -> bool:
+        folder = self.root / name
+        if name in ("fge", "sse"):
+            return is_finished(folder)
+        if name.startswith("spro"):
+            return (folder / f"vertex{self.plan.espro_vertices - 1}" / "subspace.safetensors").exists()
+        done = (folder / "results.json").exists()
+        if done and name == "ind0" and "fge" in self.plan.methods and not (folder / "pretrain" / "model.safetensors").exists():
+            raise ConfigError(f"{folder} is finished but its FGE pre-training checkpoint {folder / 'pretrain'} is missing: "
+                              f"delete {folder} to train it again")
+        return done
+
+    def run_task(self, name: str) -> None:
+        """Train member ``name`` of this replicate (resuming its own checkpoint if it has one)."""
+        p, a = self.plan, self.args
+        if name.startswith("ind"):
+            self.ind(int(name[3:]))
+        elif name in ("fge", "sse"):
+            self.snapshots(name)
+        elif name.startswith("spro"):
+            self.spro(int(name[4:]))
+        elif name.startswith(("line", "simplex")) and name.endswith("B"):
+            shape = "line" if name.startswith("line") else "simplex"
+            k = int(name[len(shape):-1])
+            extra = {"beta": a.line_beta} if shape == "line" else {"beta": a.simplex_beta, "vertices": a.simplex_vertices}
+            self.standard(name, self.seed + OFFSETS[shape] + k, k * p.B, shape, **extra)
+        else:
+            raise ValueError(f"unknown compare member {name!r}")
+
+
+# ---------------------------------------------------------------------------------------- running members
+def worker_environment(threads: int) -> dict[str, str]:
+    """The environment of a member's worker process: this one's, without a distributed launch
+    (the member trains alone) and with ``threads`` OpenMP threads."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL", "NCCL_"))}
+    env["OMP_NUM_THREADS"] = str(max(1, threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def default_jobs(threads: int, local_processes: int) -> int:
+    """Members trained at once by one process: the cores left to it at ``threads`` threads per member."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, threads) // max(1, local_processes))
+
+
+class MemberFailed(ConfigError):
+    """A member's worker process failed; the message names the member, its exit status and its log."""
+
+
+def _failure(name: str, rc: int, log_path: Path) -> Exception:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
+    last = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
+    msg = f"compare member {name} failed with exit status {rc}: {last.removeprefix('error: ')} (its log: {log_path})"
+    if rc == 3:
+        from .training import NonFiniteLossError
+
+        return NonFiniteLossError(msg)
+    return OSError(msg) if rc == 1 else MemberFailed(msg)
+
+
+def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, in_process: bool,
+                limit: int | None = None, poll: float = 0.2) -> tuple[bool, int]:
+    """Train every unfinished member of ``tasks``; returns (all finished, members trained here).
+
+    In process (one process, ``jobs == 1``): one after the other, in order. Otherwise each member
+    runs in a worker process (``python -m subspaces.compare_worker``), ``jobs`` at a time, a
+    member starting once the members it starts from are finished; under several ranks each
+    claims the next ready member through a file created exclusively in ``OUTPUT/.claims``, so
+    every member is trained once, by whichever rank is free. ``limit`` stops after that many
+    members (``--stop-after-runs``).
+    """
+    trained = 0
+    done = lambda t: runners[t.replicate].is_done(t.name)  # noqa: E731
+    if in_process:
+        for t in tasks:
+            if done(t):
+                log(f"{runners[t.replicate].root / t.name}: finished earlier, reused")
+                continue
+            if limit is not None and trained >= limit:
+                return False, trained
+            t0 = time.perf_counter()
+            runners[t.replicate].run_task(t.name)
+            trained += 1
+            log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
+        return True, trained
+    claims = out / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    running: dict[Task, tuple[subprocess.Popen, Any, float, Path]] = {}
+    try:
+        while True:
+            for t, (proc, fh, t0, log_path) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[t]
+                if rc != 0:
+                    (claims / f"{t.replicate}.{t.name}.failed").write_text(str(rc))
+                    raise _failure(f"seed{t.replicate}/{t.name}", rc, log_path)
+                log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
+            pending = [t for t in tasks if t not in running and not done(t)]
+            failed = [t for t in pending if (claims / f"{t.replicate}.{t.name}.failed").exists()]
+            if failed:
+                t = failed[0]
+                raise MemberFailed(f"compare member seed{t.replicate}/{t.name} failed in another process; its log: "
+                                   f"{out / f'seed{t.replicate}' / 'logs' / (t.name + '.log')}")
+            if not pending and not running:
+                return True, trained
+            if limit is not None and trained >= limit:
+                if not running:
+                    return False, trained
+            else:
+                for t in pending:
+                    if len(running) >= jobs or (limit is not None and trained >= limit):
+                        break
+                    if not all(runners[t.replicate].is_done(d) for d in t.deps):
+                        continue
+                    try:   # the claim: exactly one process creates this file
+                        os.close(os.open(claims / f"{t.replicate}.{t.name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    except FileExistsError:
+                        continue
+                    running[t] = _start_worker(runners[t.replicate], t, claims)
+                    trained += 1
+            time.sleep(poll)
+    finally:
+        for proc, fh, _, _ in running.values():   # an error or a signal here: stop the workers (they resume next time)
+            proc.terminate()
+            proc.wait()
+            fh.close()
+
+
+def _start_worker(runner: Runner, task: Task, claims: Path) -> tuple[subprocess.Popen, Any, float, Path]:
+    spec = claims / f"{task.replicate}.{task.name}.json"
+    write_json({"args": vars(runner.args), "replicate": task.replicate, "seed": runner.seed, "root": str(runner.root),
+                "task": task.name}, spec)
+    log_path = runner.root / "logs" / f"{task.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "a")
+    log(f"{runner.root / task.name}: started in a worker process (log {log_path})")
+    proc = subprocess.Popen([sys.executable, "-m", "subspaces.compare_worker", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
+                            env=worker_environment(runner.args.threads), start_new_session=False)
+    return proc, fh, time.perf_counter(), log_path
 
 
 # ---------------------------------------------------------------------------------------- evaluation
 def _fingerprint(root: Path, protocol: dict[str, Any]) -> str:
     """Identifies the finished members (their final files' sizes and times) and the protocol."""
     h = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode())
-    for marker in sorted(list(root.glob("*/results.json")) + list(root.glob("*/snapshots.json"))):
+    for marker in sorted([*root.glob("*/results.json"), *root.glob("*/snapshots.json"), *root.glob("spro*/vertex*/results.json")]):
         st = marker.stat()
         h.update(f"{marker.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
@@ -352,23 +547,28 @@ def _metrics(m: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_replicate(args: argparse.Namespace, plan: Plan, data: DataBundle, root: Path) -> dict[str, Any]:
-    """Metrics of every method at every budget for one replicate: {row: {"kB": {metrics, members}}}."""
+    """Metrics of every method at every budget for one replicate: {row: {"kB": {metrics, members, cost}}}.
+
+    Every network is evaluated with BatchNorm recomputed at its own weights (snapshots were saved so).
+    """
     eval_loader = make_loader(data.eval, args.eval_batch_size, shuffle=False)
     bn_loader = make_loader(data.bn, args.batch_size, shuffle=False)
-    C = data.num_classes
+    C, bn_batches = data.num_classes, args.bn_batches
     rows: dict[str, dict[str, Any]] = {}
 
     def put(row: str, k: int, metrics: dict[str, Any], members: int) -> None:
-        rows.setdefault(row, {})[f"{k}B"] = {**_metrics(metrics), "members": members}
+        rows.setdefault(row, {})[f"{k}B"] = {**_metrics(metrics), "members": members, "cost": plan.cost(row, k)}
+
+    def recomputed(path: Path) -> torch.nn.Module:
+        return update_bn(load_model(path), bn_loader, max_batches=bn_batches)
 
     top = max(plan.budgets)
-    # Ind, and the single networks' mean (a "standard network")
-    ind_paths = [root / f"ind{j}" / "model.safetensors" for j in range(top)]
-    res = evaluate(load_ensemble(ind_paths), eval_loader, num_classes=C, per_member=True)
+    # Ind, and "Single network": the mean of the Ind networks' own metrics (each alone)
+    res = evaluate(Ensemble([recomputed(root / f"ind{j}" / "model.safetensors") for j in range(top)]), eval_loader,
+                   num_classes=C, per_member=True)
     for k in plan.budgets:
         put("Ind", k, res["by_size"][k - 1], k)
-    singles = [json.loads((root / f"ind{j}" / "results.json").read_text())["results"]["model"] for j in range(top)]
-    put("Single network", 1, {key: statistics.fmean(s[key] for s in singles) for key in ("acc", "nll", "ece", "brier")}, 1)
+    put("Single network", 1, {key: statistics.fmean(m[key] for m in res["members"]) for key in ("acc", "nll", "ece", "brier")}, 1)
     log(f"{root}: Ind evaluated")
     for method in ("sse", "fge"):
         if method not in plan.methods:
@@ -379,7 +579,7 @@ def evaluate_replicate(args: argparse.Namespace, plan: Plan, data: DataBundle, r
         n_top = count(top)
         if n_top == 0:
             continue
-        res = evaluate(load_ensemble([s.path for s in snaps[:n_top]]), eval_loader, num_classes=C, per_member=True)
+        res = evaluate(Ensemble([load_model(s.path) for s in snaps[:n_top]]), eval_loader, num_classes=C, per_member=True)
         for k in plan.budgets:
             n = count(k)
             if n:
@@ -388,37 +588,47 @@ def evaluate_replicate(args: argparse.Namespace, plan: Plan, data: DataBundle, r
             for k in plan.budgets:
                 n = count(k)
                 if n:
-                    swa = swa_average([s.path for s in snaps[:n]], bn_loader, args.bn_batches)
+                    swa = swa_average([s.path for s in snaps[:n]], bn_loader, bn_batches)
                     put("SWA", k, evaluate(swa, eval_loader, num_classes=C), n)
         log(f"{root}: {method.upper()} evaluated ({n_top} snapshots)")
     for k in plan.subspace_budgets:
         if "line" in plan.methods:
             line = load_subspace(root / f"line{k}B")
             ts = subspace_points(line, "even", args.samples)
-            exported = {float(t): line.export(t, bn_loader=bn_loader, bn_batches=args.bn_batches) for t in ts}
-            mid = line.export(0.5, bn_loader=bn_loader, bn_batches=args.bn_batches)
+            exported = {float(t): line.export(t, bn_loader=bn_loader, bn_batches=bn_batches) for t in ts}
+            mid = exported.get(0.5) or line.export(0.5, bn_loader=bn_loader, bn_batches=bn_batches)
             put("Line midpoint", k, evaluate(mid, eval_loader, num_classes=C), 1)
-            put("Line ends (ens.)", k, evaluate(Ensemble([exported[0.0], exported[1.0]]), eval_loader, num_classes=C), 2)
+            put("Line endpoints (ens.)", k, evaluate(Ensemble([exported[0.0], exported[1.0]]), eval_loader, num_classes=C), 2)
             put(f"Line {args.samples} points (ens.)", k, evaluate(Ensemble(list(exported.values())), eval_loader, num_classes=C), args.samples)
             log(f"{root}: line trained {k}B evaluated")
         if "simplex" in plan.methods:
             sim = load_subspace(root / f"simplex{k}B")
             gen = torch.Generator().manual_seed(args.seed + k)
-            centre = sim.export(None, bn_loader=bn_loader, bn_batches=args.bn_batches)
+            centre = sim.export(None, bn_loader=bn_loader, bn_batches=bn_batches)
             put("Simplex centre", k, evaluate(centre, eval_loader, num_classes=C), 1)
-            vertices = [sim.export(p, bn_loader=bn_loader, bn_batches=args.bn_batches) for p in subspace_points(sim, "ends")]
-            put(f"Simplex {sim.num_anchors} vertices (ens.)", k, evaluate(Ensemble(vertices), eval_loader, num_classes=C), sim.num_anchors)
-            samples = [sim.export(p, bn_loader=bn_loader, bn_batches=args.bn_batches) for p in subspace_points(sim, "random", args.samples, gen)]
+            vertices = [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "ends")]
+            put("Simplex vertices (ens.)", k, evaluate(Ensemble(vertices), eval_loader, num_classes=C), sim.num_anchors)
+            samples = [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "random", args.samples, gen)]
             put(f"Simplex {args.samples} samples (ens.)", k, evaluate(Ensemble(samples), eval_loader, num_classes=C), args.samples)
             log(f"{root}: simplex trained {k}B evaluated")
+    if "espro" in plan.methods:   # ESPRO(k): the samples of the first k simplexes, one pass for every k
+        members = []
+        for j in range(top):
+            sim = load_subspace(root / f"spro{j}" / f"vertex{plan.espro_vertices - 1}")
+            gen = torch.Generator().manual_seed(args.seed + OFFSETS["espro"] + j)
+            members += [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "random", args.samples, gen)]
+        res = evaluate(Ensemble(members), eval_loader, num_classes=C, per_member=True)
+        for k in plan.budgets:
+            put("ESPRO", k, res["by_size"][k * args.samples - 1], k * args.samples)
+        log(f"{root}: ESPRO evaluated ({top} simplexes x {args.samples} samples)")
     costs = {}
-    for member in sorted(p for p in root.iterdir() if p.is_dir()):
+    for member in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "logs"):
         costs[member.name] = round(_train_seconds(member), 1)
     return {"rows": rows, "train_seconds": costs}
 
 
 # ---------------------------------------------------------------------------------------- aggregation and output
-ROW_ORDER = ("Single network", "Ind", "SSE", "FGE", "SWA", "Line midpoint", "Line ends", "Line ", "Simplex centre", "Simplex ")
+ROW_ORDER = ("Single network", "Ind", "SSE", "FGE", "SWA", "Line midpoint", "Line endpoints", "Line ", "Simplex centre", "Simplex ", "ESPRO")
 
 
 def row_rank(row: str) -> tuple[int, str]:
@@ -441,7 +651,7 @@ def aggregate(per_seed: list[dict[str, Any]], budgets: list[int]) -> dict[str, d
             cells = [rep["rows"][row][f"{k}B"] for rep in per_seed if f"{k}B" in rep["rows"].get(row, {})]
             if not cells:
                 continue
-            agg: dict[str, Any] = {"n": len(cells), "members": cells[0]["members"]}
+            agg: dict[str, Any] = {"n": len(cells), "members": cells[0]["members"], "cost": cells[0].get("cost", float(k))}
             for key in ("acc", "nll", "ece", "brier"):
                 vals = [c[key] for c in cells]
                 agg[key] = statistics.fmean(vals)
@@ -460,14 +670,25 @@ def _cell(agg: dict[str, Any] | None, key: str, digits: int, seeds: int) -> str:
     return value + (f" ± {agg[key + '_std']:.{digits}f}" if seeds > 1 else "")
 
 
-def render_markdown(title: str, table: dict[str, dict[str, Any]], budgets: list[int], seeds: int, lines: list[str], footer: list[str]) -> str:
+def _error_cell(cells: dict[str, Any], k: int, seeds: int) -> str:
+    """Error with its members, and its cost where it is not k x B (ESPRO's SPRO epochs)."""
+    agg = cells.get(f"{k}B")
+    if agg is None:
+        return "-"
+    cost = agg.get("cost", float(k))
+    extra = f", cost {cost:.2f}B" if abs(cost - k) > 1e-9 else ""
+    return f"{_cell(agg, 'error', 2, seeds)} ({agg['members']}{extra})"
+
+
+def render_markdown(title: str, table: dict[str, dict[str, Any]], budgets: list[int], seeds: int, lines: list[str], footer: list[str],
+                    claims: list[str] | None = None) -> str:
     head = ["method"] + [f"{k}B error %" for k in budgets] + [f"{k}B NLL" for k in budgets]
     md = [f"# {title}", "", f"Mean{' ± std over ' + str(seeds) + ' seeds' if seeds > 1 else ' (1 seed)'}; "
-          "(n) = ensemble members at that budget; \"Single network\" is the mean of the Ind networks' own metrics; "
-          "(ens.) = probability-averaged ensemble of points of one trained subspace.", ""]
+          "(n) = ensemble members at that budget (and the training cost where it is not k x B); \"Single network\" is the "
+          "mean of the Ind networks' own metrics; (ens.) = probability-averaged ensemble of points of one trained subspace.", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, cells in table.items():
-        errs = [(_cell(cells.get(f"{k}B"), "error", 2, seeds) + (f" ({cells[f'{k}B']['members']})" if f"{k}B" in cells else "")) for k in budgets]
+        errs = [_error_cell(cells, k, seeds) for k in budgets]
         nlls = [_cell(cells.get(f"{k}B"), "nll", 4, seeds) for k in budgets]
         md.append("| " + " | ".join([row] + errs + nlls) + " |")
     head2 = ["method"] + [f"{k}B ECE" for k in budgets] + [f"{k}B Brier" for k in budgets]
@@ -475,24 +696,33 @@ def render_markdown(title: str, table: dict[str, dict[str, Any]], budgets: list[
     for row, cells in table.items():
         md.append("| " + " | ".join([row] + [_cell(cells.get(f"{k}B"), "ece", 4, seeds) for k in budgets]
                                     + [_cell(cells.get(f"{k}B"), "brier", 4, seeds) for k in budgets]) + " |")
+    if claims is not None:
+        md += ["", "## Claims", "", "Checked by the run on its own numbers (error in %; a claim is held when it holds on at "
+               "least two thirds of the seeds):", ""] + claims
     md += ["", "Budget accounting:", ""] + [f"- {ln}" for ln in lines] + [""] + footer
     return "\n".join(md) + "\n"
 
 
-def render_csv(per_seed: list[dict[str, Any]], table: dict[str, dict[str, Any]], seeds: list[int]) -> str:
+def render_csv(per_seed: list[dict[str, Any]], table: dict[str, dict[str, Any]], seeds: list[int], claims: list[Any] | None = None) -> str:
+    """One row per (method, budget, seed), then the mean and std rows, then one row per claim and
+    seed (method ``claim (b)``, ``held`` 1 or 0; the budget column names what it compares)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "budget", "members", "seed", "error_pct", "acc", "nll", "ece", "brier"])
+    w.writerow(["method", "budget", "members", "cost_B", "seed", "error_pct", "acc", "nll", "ece", "brier", "held"])
     for s, rep in zip(seeds, per_seed):
         for row, cells in rep["rows"].items():
             for b, c in cells.items():
-                w.writerow([row, b, c["members"], s, f"{100 * (1 - c['acc']):.4f}", f"{c['acc']:.6f}", f"{c['nll']:.6f}", f"{c['ece']:.6f}", f"{c['brier']:.6f}"])
+                w.writerow([row, b, c["members"], f"{c.get('cost', int(b[:-1])):.4f}", s, f"{100 * (1 - c['acc']):.4f}", f"{c['acc']:.6f}",
+                            f"{c['nll']:.6f}", f"{c['ece']:.6f}", f"{c['brier']:.6f}", ""])
     for stat in ("mean", "std"):
         for row, cells in table.items():
             for b, c in cells.items():
                 suffix = "" if stat == "mean" else "_std"
-                w.writerow([row, b, c["members"], stat, f"{c['error' + suffix]:.4f}", f"{c['acc' + suffix]:.6f}", f"{c['nll' + suffix]:.6f}",
-                            f"{c['ece' + suffix]:.6f}", f"{c['brier' + suffix]:.6f}"])
+                w.writerow([row, b, c["members"], f"{c['cost']:.4f}", stat, f"{c['error' + suffix]:.4f}", f"{c['acc' + suffix]:.6f}",
+                            f"{c['nll' + suffix]:.6f}", f"{c['ece' + suffix]:.6f}", f"{c['brier' + suffix]:.6f}", ""])
+    for claim in claims or []:
+        for s, held in zip(seeds, claim.held_per_seed):
+            w.writerow([f"claim ({claim.key})", claim.statement, "", "", s, "", "", "", "", "", int(held)])
     return buf.getvalue()
 
 
@@ -506,7 +736,7 @@ def rich_table(title: str, table: dict[str, dict[str, Any]], budgets: list[int],
     for k in budgets:
         t.add_column(f"{k}B NLL", justify="right")
     for row, cells in table.items():
-        errs = [(_cell(cells.get(f"{k}B"), "error", 2, seeds) + (f" ({cells[f'{k}B']['members']})" if f"{k}B" in cells else "")) for k in budgets]
+        errs = [_error_cell(cells, k, seeds) for k in budgets]
         t.add_row(row, *errs, *[_cell(cells.get(f"{k}B"), "nll", 4, seeds) for k in budgets])
     return t
 
@@ -542,62 +772,78 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--stop-after-runs must be >= 0, got {args.stop_after_runs}")
     if args.eval_batch_size < 1:
         raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ConfigError(f"--threads (torch threads per member) must be >= 1, got {args.threads}")
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs must be >= 0 (0: as many as the cores allow at --threads each), got {args.jobs}")
     acc = make_accelerator(args)
+    world = acc.num_processes
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    jobs = args.jobs or default_jobs(args.threads, local)
+    torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
     data, _, spec = build_data_and_model(args)
-    plan = make_plan(args, len(data.train), acc.num_processes)
+    plan = make_plan(args, len(data.train))
     out = prepare_output(args)
     if acc.is_main_process:
         check_protocol(out, protocol_of(args))
         save_config(args, str(out / "config.yaml"))
+        shutil.rmtree(out / ".claims", ignore_errors=True)   # claims of an earlier, stopped job
+    acc.wait_for_everyone()
     lines = accounting(plan, args)
-    for ln in lines:
-        log(ln)
+    if acc.is_main_process:
+        for ln in lines:
+            log(ln)
+    in_process = world == 1 and jobs == 1
+    log(f"rank {acc.process_index} of {world}: {'members one after the other in this process' if in_process else f'{jobs} member(s) at a time in worker processes'}, "
+        f"{args.threads} thread(s) each")
     seeds = [args.seed + SEED_STRIDE * r for r in range(args.seeds)]
-    per_seed: list[dict[str, Any]] = []
+    runners = []
     for r, seed in enumerate(seeds):
         root = out / f"seed{r}"
         root.mkdir(parents=True, exist_ok=True)
-        log(f"replicate {r + 1}/{len(seeds)} (seed {seed}) in {root}; {time.perf_counter() - t_start:.0f} s so far")
-        runner = Runner(args, plan, data, spec, root, seed)
-        if not runner.run_all():
-            log(f"stopped after {args.stop_after_runs} member runs (--stop-after-runs); run the same command again to continue")
-            return {"finished": False}
-        args.stop_after_runs = None if args.stop_after_runs is None else args.stop_after_runs - runner.trained
-        if acc.is_main_process:
-            cache = root / "evaluation.json"
-            key = _fingerprint(root, protocol_of(args))
-            cached = json.loads(cache.read_text()) if cache.exists() else None
-            if cached and cached.get("fingerprint") == key:
-                log(f"{root}: evaluation reused from {cache}")
-                rep = cached["evaluation"]
-            else:
-                rep = evaluate_replicate(args, plan, data, root)
-                write_json({"fingerprint": key, "evaluation": rep}, cache)
-            per_seed.append(rep)
-        acc.wait_for_everyone()
-    if not acc.is_main_process:
+        runners.append(Runner(args, plan, data, spec, root, seed))
+    tasks = [t for r, runner in enumerate(runners) for t in runner.tasks(r)]
+    finished, _ = run_members(runners, tasks, out, jobs, in_process, limit=args.stop_after_runs)
+    if not finished:
+        log(f"stopped after {args.stop_after_runs} member runs (--stop-after-runs); run the same command again to continue")
+        return {"finished": False}
+    if not acc.is_main_process:   # the main process evaluates; the others are done
         return {"finished": True}
+    per_seed: list[dict[str, Any]] = []
+    for runner in runners:
+        cache = runner.root / "evaluation.json"
+        key = _fingerprint(runner.root, protocol_of(args))
+        cached = json.loads(cache.read_text()) if cache.exists() else None
+        if cached and cached.get("fingerprint") == key:
+            log(f"{runner.root}: evaluation reused from {cache}")
+            rep = cached["evaluation"]
+        else:
+            rep = evaluate_replicate(args, plan, data, runner.root)
+            write_json({"fingerprint": key, "evaluation": rep}, cache)
+        per_seed.append(rep)
     table = aggregate(per_seed, plan.budgets)
+    claims = check_claims([rep["rows"] for rep in per_seed], plan.budgets)
+    claim_lines = render_claims(claims)
     wall = time.perf_counter() - t_start
     title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"
     train_total = sum(sum(rep["train_seconds"].values()) for rep in per_seed)
-    footer = [f"Wall time of this job: {wall:.0f} s; training time of all members (summed epochs, incl. earlier jobs): {train_total:.0f} s.",
+    footer = [f"Wall time of this job: {wall:.0f} s ({world} process(es), {jobs} member(s) at a time each, {args.threads} thread(s) per member); "
+              f"training time of all members (summed epochs, incl. earlier jobs): {train_total:.0f} s.",
               "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
                                                         for r, rep in enumerate(per_seed))]
-    (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer))
-    (out / "results.csv").write_text(render_csv(per_seed, table, seeds))
+    (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines))
+    (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
     write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "accounting": lines,
-                "table": table, "per_seed": per_seed, "wall_seconds": wall}, out / "results.json")
+                "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "wall_seconds": wall,
+                "processes": world, "jobs": jobs, "threads": args.threads}, out / "results.json")
     console = Console()
     if not console.is_terminal:   # a log file: wide enough for the row names
-        console = Console(width=140)
+        console = Console(width=160)
     console.print(rich_table(title, table, plan.budgets, len(seeds)))
+    for ln in claim_lines:
+        console.print(ln.replace("**", ""), markup=False)
     log(f"wrote {out / 'results.md'}, results.json, results.csv; wall time {wall:.0f} s")
-    return {"finished": True, "table": table}
+    return {"finished": True, "table": table, "claims": claims}
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -618,6 +864,13 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--simplex-vertices", type=int, default=3, help="vertices of the simplex from scratch (default: %(default)s)")
     g.add_argument("--simplex-beta", type=float, default=1.0, help="cos^2 regulariser of the simplex (default: %(default)s)")
     g.add_argument("--samples", type=int, default=5, help="points per subspace ensemble (default: %(default)s)")
+    g.add_argument("--espro-vertices", type=int, default=3, help="vertices of each ESPRO simplex, its Ind network included (default: %(default)s)")
+    g.add_argument("--spro-epochs", type=int, default=1, help="SPRO epochs per added vertex (default: %(default)s)")
+    g.add_argument("--spro-lr", type=float, default=0.01, help="SPRO learning rate, cosine per vertex ([B]: 0.01; default: %(default)s)")
+    g.add_argument("--spro-samples-per-step", type=int, default=1, help="SPRO points per batch ([B]: 5; each counts in the cost; default: %(default)s)")
+    g.add_argument("--spro-volume-lambda", type=float, default=1e-6, help="SPRO volume regulariser on [B]'s scale ([B]: 1e-6; default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=500, help="batch size of the evaluation passes (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=1, help="CPU threads per process for torch (default: %(default)s, robust on a shared CPU; 0: torch's default)")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads per member (default: %(default)s)")
+    g.add_argument("--jobs", type=int, default=0, help="members trained at once by each process, in worker processes (default: 0 = the "
+                                                      "cores divided by --threads and by the processes of this machine; 1 in one process: in-process)")
     g.add_argument("--stop-after-runs", type=int, default=None, help="stop (resumably) after training this many member runs in this job")

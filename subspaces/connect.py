@@ -1,4 +1,4 @@
-"""Fitting a curve between two trained networks ([G], SCIENCE.md §2), on the shared Trainer."""
+"""Fitting a curve between two trained networks ([G], docs/science.md §2), on the shared Trainer."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def validate_connect_args(args: argparse.Namespace) -> None:
         raise ConfigError("--degree applies to --curve bezier, not polychain (use --bends)")
     if args.bends is not None and args.curve != "polychain":
         raise ConfigError("--bends applies to --curve polychain, not bezier (use --degree)")
-    if args.sched not in ("garipov", "none"):
-        raise ConfigError(f"--sched {args.sched}: curve fitting uses [G]'s schedule ('garipov') or a constant lr ('none')")
+    if args.sched not in ("garipov", "garipov-epoch", "none"):
+        raise ConfigError(f"--sched {args.sched}: curve fitting uses [G]'s schedule ('garipov' per update, 'garipov-epoch' "
+                          "per epoch as [G]'s code) or a constant lr ('none')")
     if args.degree is not None and args.degree < 1:
         raise ConfigError(f"--degree {args.degree} is invalid: it must be >= 1 (degree 1 is a line, 2 is [G]'s curve)")
     if args.bends is not None and args.bends < 0:
@@ -53,6 +54,8 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     make_scheduler = None
     if args.sched == "garipov":
         make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs)  # noqa: E731
+    elif args.sched == "garipov-epoch":
+        make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs, per_epoch)  # noqa: E731
     trainer = Trainer(args, curve, data, spec, accelerator, out, make_scheduler=make_scheduler)
     status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
     if not status["finished"]:

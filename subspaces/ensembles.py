@@ -189,7 +189,8 @@ def evaluate(
     labels are gathered with ``accelerator.gather_for_metrics`` (the loader should be
     prepared by it) and the device defaults to ``accelerator.device``.
     Returns {'acc', 'nll', 'ece', 'brier', 'count'}; with ``per_member=True`` and an Ensemble
-    also 'by_size': [metrics of the prefix ensemble (1/k) sum_{m<=k} p_m for k = 1..M].
+    also 'by_size': [metrics of the prefix ensemble (1/k) sum_{m<=k} p_m for k = 1..M] and
+    'members': [metrics of member m alone, m = 1..M], from the same pass.
     A plain model is moved to ``device`` when one is given; an Ensemble is not moved (it
     places its members itself), only the batch is. The model's train/eval mode is restored.
     """
@@ -226,11 +227,14 @@ def evaluate(
                 classes = num_classes if num_classes is not None else probs.shape[-1]
                 overall = ClassificationMetrics(classes)
                 by_size = [ClassificationMetrics(classes) for _ in range(members)] if per_member else []
+                alone = [ClassificationMetrics(classes) for _ in range(members)] if per_member else []
             if per_member:
                 sizes = torch.arange(1, members + 1, device=probs.device, dtype=probs.dtype)
                 prefix = probs.cumsum(dim=1) / sizes[None, :, None]  # [B, M, C]
                 for k, metric in enumerate(by_size):
                     metric.update(prefix[:, k], y)
+                for k, metric in enumerate(alone):
+                    metric.update(probs[:, k], y)
                 overall.update(prefix[:, -1], y)
             else:
                 overall.update(probs, y)
@@ -242,6 +246,7 @@ def evaluate(
     result: dict[str, Any] = overall.compute()
     if per_member:
         result["by_size"] = [metric.compute() for metric in by_size]
+        result["members"] = [metric.compute() for metric in alone]
     return result
 
 
@@ -291,7 +296,7 @@ def subspace_ensemble(
     """An :class:`Ensemble` of the plain networks at ``points`` of ``sub`` (probability averaging).
 
     Each member is ``sub.export(point, bn_loader, bn_batches)``: its BatchNorm statistics are
-    recomputed at its own point when ``bn_loader`` is given (SCIENCE.md §2). With ``lazy=True``
+    recomputed at its own point when ``bn_loader`` is given (docs/science.md §6). With ``lazy=True``
     members are built on first use (one at a time under ``offload``) instead of now.
     """
     if len(points) == 0:

@@ -48,7 +48,7 @@ def _check_sse(cycle: int, lr_max: float) -> None:
 
 
 def fge_lr(i: int, cycle: int, lr_max: float, lr_min: float) -> float:
-    """FGE learning rate of 1-based iteration i ([G], SCIENCE.md section 3):
+    """FGE learning rate of 1-based iteration i ([G], docs/science.md §3):
     t = (mod(i-1, c) + 1) / c; lr = (1-2t) a1 + 2t a2 if t <= 1/2 else (2-2t) a2 + (2t-1) a1,
     with a1 = lr_max > a2 = lr_min. Minimum a2 at mod(i, c) = c/2; back to a1 at mod(i, c) = 0."""
     _check_fge(cycle, lr_max, lr_min)
@@ -183,8 +183,17 @@ def garipov_lr_factor(progress: float) -> float:
     return 0.01
 
 
-def garipov_schedule(optimizer: torch.optim.Optimizer, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR stepped once per update with :func:`garipov_lr_factor` (SCIENCE.md §2)."""
+def garipov_schedule(optimizer: torch.optim.Optimizer, total_updates: int, updates_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepped once per update with :func:`garipov_lr_factor` (docs/science.md §2).
+
+    The factor of update u is f(u / total_updates); with ``updates_per_epoch`` it is
+    f(floor(u / updates_per_epoch) / epochs), constant within an epoch as in [G]'s code.
+    """
     if total_updates < 1:
         raise ValueError(f"total_updates must be >= 1, got {total_updates}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor(u / total_updates))
+    if updates_per_epoch is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor(u / total_updates))
+    if updates_per_epoch < 1:
+        raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
+    epochs = total_updates / updates_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor((u // updates_per_epoch) / epochs))

@@ -1,4 +1,4 @@
-"""The shapes: lines, Bezier curves, polygonal chains and simplexes of networks (SCIENCE.md §1).
+"""The shapes: lines, Bezier curves, polygonal chains and simplexes of networks (docs/science.md §1).
 
 | shape     | K      | point             | c_k(p)                                  |
 |-----------|--------|-------------------|-----------------------------------------|

@@ -1,4 +1,4 @@
-"""Fast Geometric Ensembling, snapshot ensembles and SWA on the shared Trainer (SCIENCE.md §3).
+"""Fast Geometric Ensembling, snapshot ensembles and SWA on the shared Trainer (docs/science.md §3).
 
 - **FGE** [G]: start from a trained network *and its optimiser state* (the momentum buffers of a
   run folder's ``checkpoint/optimizer.bin``), then SGD with the per-iteration cyclical learning rate

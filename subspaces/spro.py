@@ -1,4 +1,4 @@
-"""SPRO and ESPRO [B] (SCIENCE.md §5): grow simplexes from trained networks, one vertex at a time.
+"""SPRO and ESPRO [B] (docs/science.md §5): grow simplexes from trained networks, one vertex at a time.
 
 SPRO: vertex 0 is a trained network (frozen); each new vertex starts at the centroid of the
 current ones, which are frozen, and is trained on E_{p ~ Dirichlet(1)} L(w(p)) - lambda log Vol.

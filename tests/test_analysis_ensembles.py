@@ -1,9 +1,10 @@
 """analysis/ensembles.py on a tiny compare run: its files, size curves, budget numbers, reliability bins
 and one-line errors.
 
-The compare run is built in-process with tests/test_compare.py's tiny settings (test_resnet, 64
-Fashion-MNIST training images, 32 test images, batch 16, B = 2 epochs, 1B/2B/3B, 3 points per
-subspace ensemble): Ind has 3 members, SSE 6 snapshots, FGE 9, the line and the simplex 3 points.
+The compare run is built in-process (``--jobs 1``) with tests/test_compare.py's tiny settings
+(test_resnet, 64 Fashion-MNIST training images, 32 test images, batch 16, B = 2 epochs, 1B/2B/3B, 3
+points per subspace ensemble, every method): Ind has 3 members, SSE 6 snapshots, FGE 9, the line and
+the simplex 3 points, ESPRO 3 samples of each of 3 SPRO simplexes (3 vertices, 1 epoch per vertex).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from analysis import ensembles as script  # noqa: E402
 
 #: the settings of tests/test_compare.py
 TINY = ["--train-subset", "64", "--eval-subset", "32", "-b", "16", "--epochs", "2", "--bn-batches", "1",
-        "--samples", "3", "--log-interval", "1000", "--eval-batch-size", "32"]
+        "--samples", "3", "--log-interval", "1000", "--eval-batch-size", "32", "--jobs", "1"]
 FAST = ["--threads", "1", "--device", "cpu"]
 
 
@@ -68,7 +69,7 @@ def test_writes_png_and_json(run):
     data = _outputs(run["png"])
     assert data["eval_count"] == 32 and data["replicate"] == 0 and data["seed"] == 42
     assert data["budgets"] == [1, 2, 3]
-    assert set(data["by_size"]) == {"Ind", "SSE", "FGE", "Line 1B", "Simplex 1B"}
+    assert set(data["by_size"]) == {"Ind", "SSE", "FGE", "Line 1B", "Simplex 1B", "ESPRO"}
     assert set(data["reliability"]) == {"single", "ensemble"}
 
 
@@ -76,8 +77,8 @@ def test_size_curves_have_one_point_per_member(run):
     data = _outputs(run["png"])
     rows = _evaluation(run["cmp"])
     expected = {"Ind": rows["Ind"]["3B"]["members"], "SSE": rows["SSE"]["3B"]["members"], "FGE": rows["FGE"]["3B"]["members"],
-                "Line 1B": 3, "Simplex 1B": 3}
-    assert expected["Ind"] == 3 and expected["SSE"] == 6 and expected["FGE"] == 9
+                "Line 1B": 3, "Simplex 1B": 3, "ESPRO": rows["ESPRO"]["3B"]["members"]}
+    assert expected["Ind"] == 3 and expected["SSE"] == 6 and expected["FGE"] == 9 and expected["ESPRO"] == 9
     for name, n in expected.items():
         curve = data["by_size"][name]
         assert curve["members"] == n, name
@@ -86,6 +87,8 @@ def test_size_curves_have_one_point_per_member(run):
         assert curve["error"] == pytest.approx([100 * (1 - a) for a in curve["acc"]])
     # the budget marks are the compare's member counts
     assert data["by_size"]["FGE"]["budget_sizes"] == {b: rows["FGE"][b]["members"] for b in ("1B", "2B", "3B")}
+    assert data["by_size"]["ESPRO"]["budget_sizes"] == {"1B": 3, "2B": 6, "3B": 9}
+    assert data["by_size"]["ESPRO"]["family"] == "ESPRO"
 
 
 def test_last_size_point_is_the_full_ensemble(run):
@@ -93,19 +96,27 @@ def test_last_size_point_is_the_full_ensemble(run):
     data = _outputs(run["png"])
     rows = _evaluation(run["cmp"])
     full = {"Ind": rows["Ind"]["3B"], "SSE": rows["SSE"]["3B"], "FGE": rows["FGE"]["3B"],
-            "Line 1B": rows["Line 3 points (ens.)"]["1B"], "Simplex 1B": rows["Simplex 3 samples (ens.)"]["1B"]}
+            "Line 1B": rows["Line 3 points (ens.)"]["1B"], "Simplex 1B": rows["Simplex 3 samples (ens.)"]["1B"],
+            "ESPRO": rows["ESPRO"]["3B"]}
     for name, theirs in full.items():
         curve = data["by_size"][name]
         for key in ("acc", "nll", "ece", "brier"):
             assert curve[key][-1] == pytest.approx(theirs[key], abs=1e-5), (name, key)
     # and every budget's prefix is the compare's ensemble at that budget
-    for b, n in data["by_size"]["SSE"]["budget_sizes"].items():
-        assert data["by_size"]["SSE"]["nll"][n - 1] == pytest.approx(rows["SSE"][b]["nll"], abs=1e-5)
+    for name in ("SSE", "Ind", "ESPRO"):
+        for b, n in data["by_size"][name]["budget_sizes"].items():
+            assert data["by_size"][name]["nll"][n - 1] == pytest.approx(rows[name][b]["nll"], abs=1e-5), (name, b)
     # single networks and other ensembles recomputed from the recorded probabilities agree too
-    for row, b in (("SWA", "3B"), ("Line midpoint", "1B"), ("Line ends (ens.)", "1B"), ("Simplex centre", "1B"),
-                   ("Simplex 3 vertices (ens.)", "1B")):
+    for row, b in (("SWA", "3B"), ("Line midpoint", "1B"), ("Line endpoints (ens.)", "1B"), ("Simplex centre", "1B"),
+                   ("Simplex vertices (ens.)", "1B"), ("ESPRO", "2B")):
         assert data["points"][row][b]["nll"] == pytest.approx(rows[row][b]["nll"], abs=1e-5), row
-    assert data["check"]["compared"] >= 20 and data["check"]["max_abs_diff"] < 1e-5
+    assert data["points"]["ESPRO"]["2B"]["members"] == 6
+    # "Single network": the mean of the Ind networks' own metrics, each with its BatchNorm recomputed
+    single = data["points"]["Single network"]["1B"]
+    assert single["members"] == 1
+    for key in ("acc", "nll", "ece", "brier"):
+        assert single[key] == pytest.approx(rows["Single network"]["1B"][key], abs=1e-5), key
+    assert data["check"]["compared"] >= 25 and data["check"]["max_abs_diff"] < 1e-5
 
 
 def test_budget_numbers_are_the_compare_results(run):
@@ -116,6 +127,10 @@ def test_budget_numbers_are_the_compare_results(run):
         for b, cell in per.items():
             assert data["budget"][row][b]["error"] == pytest.approx(cell["error"])
             assert data["budget"][row][b]["nll_std"] == pytest.approx(cell["nll_std"])
+            assert data["budget"][row][b]["cost"] == pytest.approx(cell["cost"])
+    assert {"Line endpoints (ens.)", "Simplex vertices (ens.)", "ESPRO"} <= set(data["budget"])
+    # ESPRO pays for its SPRO epochs: 2 added vertices x 1 epoch / B = 2 epochs -> cost k x 2B
+    assert data["budget"]["ESPRO"]["2B"]["cost"] == pytest.approx(4.0) and data["budget"]["Ind"]["2B"]["cost"] == pytest.approx(2.0)
     assert data["replicates"] == 1 and data["budget_source"] == "results.json"
 
 
@@ -135,8 +150,8 @@ def test_reliability_bins(run):
     # best = the lowest mean error at the largest budget, among single networks / ensembles
     assert data["reliability"]["single"]["row"] == "SWA" and data["reliability"]["single"]["budget"] == "3B"
     ens = data["reliability"]["ensemble"]
-    assert ens["budget"] == "3B" and ens["row"] in ("Ind", "SSE", "FGE")
-    assert table[ens["row"]]["3B"]["error"] == min(table[r]["3B"]["error"] for r in ("Ind", "SSE", "FGE"))
+    assert ens["budget"] == "3B" and ens["row"] in ("Ind", "SSE", "FGE", "ESPRO")
+    assert table[ens["row"]]["3B"]["error"] == min(table[r]["3B"]["error"] for r in ("Ind", "SSE", "FGE", "ESPRO"))
 
 
 def test_reliability_function():

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "64", "--eval-subset", "32", "-b", "16", "--epochs", "2", "--bn-batches", "1",
-        "--samples", "3", "--log-interval", "1000", "--eval-batch-size", "32"]
+        "--samples", "3", "--log-interval", "1000", "--eval-batch-size", "32", "--jobs", "1"]
 
 
 def _recipe(name: str):
@@ -41,13 +41,13 @@ def compare_runs(tmp_path_factory):
     rc_stop = main([*argv, "--stop-after-runs", "2"])
     after_stop = {
         "ind0": (out / "seed0" / "ind0" / "results.json").exists(),
-        "ind1": (out / "seed0" / "ind1" / "results.json").exists(),
-        "ind2": (out / "seed0" / "ind2").exists(),
+        "sse": (out / "seed0" / "sse" / "snapshots.json").exists(),   # the longest runs start first
+        "ind1": (out / "seed0" / "ind1").exists(),
         "results": (out / "results.md").exists(),
-        "mtimes": {n: _mtimes(out / "seed0" / n) for n in ("ind0", "ind1")},
+        "mtimes": {n: _mtimes(out / "seed0" / n) for n in ("ind0", "sse")},
     }
     rc_full = main(argv)
-    mtimes_full = {n: _mtimes(out / "seed0" / n) for n in ("ind0", "ind1", "ind2", "fge", "sse", "line1B", "simplex1B")}
+    mtimes_full = {n: _mtimes(out / "seed0" / n) for n in ("ind0", "ind1", "ind2", "fge", "sse", "line1B", "simplex1B", "spro0", "spro2")}
     results_mtime = (out / "results.json").stat().st_mtime_ns
     rc_again = main(argv)
     return {"out": out, "rc_stop": rc_stop, "after_stop": after_stop, "rc_full": rc_full, "mtimes_full": mtimes_full,
@@ -64,9 +64,16 @@ def test_compare_writes_all_three_result_files(compare_runs):
         for cell in table[row].values():
             assert 0 <= cell["acc"] <= 1 and cell["nll"] > 0 and cell["members"] >= 1
     assert [table["Ind"][f"{k}B"]["members"] for k in (1, 2, 3)] == [1, 2, 3]
-    for row in ("Line midpoint", "Line ends (ens.)", "Line 3 points (ens.)", "Simplex centre", "Simplex 3 vertices (ens.)",
+    for row in ("Line midpoint", "Line endpoints (ens.)", "Line 3 points (ens.)", "Simplex centre", "Simplex vertices (ens.)",
                 "Simplex 3 samples (ens.)", "Single network"):
         assert set(table[row]) == {"1B"}, row
+    # ESPRO(k): 3 samples from each of the first k SPRO simplexes, its SPRO epochs in its cost
+    assert [table["ESPRO"][f"{k}B"]["members"] for k in (1, 2, 3)] == [3, 6, 9]
+    spro_cost = (3 - 1) * 1 * 1 / 2   # (vertices - 1) x epochs per vertex x points per batch / B
+    assert [table["ESPRO"][f"{k}B"]["cost"] for k in (1, 2, 3)] == pytest.approx([k * (1 + spro_cost) for k in (1, 2, 3)])
+    assert table["Ind"]["2B"]["cost"] == 2
+    assert {c["key"] for c in data["claims"]} == {"b", "c1", "c2", "d"}
+    assert "## Claims" in (out / "results.md").read_text()
     # FGE's budget counts its 0.8B pre-training: snapshots at iterations 6 + i <= 8k (cycle 2, snapshot at i odd)
     plan = data["plan"]
     assert plan["pretrain_iter"] == 6 and plan["fge_cycle"] == 2 and plan["upe"] == 4
@@ -76,14 +83,36 @@ def test_compare_writes_all_three_result_files(compare_runs):
     md = (out / "results.md").read_text()
     assert "| Ind |" in md and "| FGE |" in md and "Budget accounting" in md
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {r["method"] for r in rows} >= {"Ind", "SSE", "FGE", "SWA", "Line midpoint"}
+    assert {r["method"] for r in rows} >= {"Ind", "SSE", "FGE", "SWA", "Line midpoint", "ESPRO", "claim (b)", "claim (d)"}
     assert {r["seed"] for r in rows} == {"42", "mean", "std"}
+    assert {r["held"] for r in rows if r["method"].startswith("claim")} <= {"0", "1"}
+
+
+def test_every_row_is_evaluated_with_batchnorm_recomputed(compare_runs):
+    """Ind(1B) is ind0 with its BatchNorm recomputed, as every other row, not its running statistics."""
+    from subspaces.bn import update_bn
+    from subspaces.data import build_datasets, make_loader
+    from subspaces.ensembles import evaluate
+    from subspaces.io import load_model
+
+    out = compare_runs["out"]
+    data = json.loads((out / "results.json").read_text())
+    model = load_model(out / "seed0" / "ind0" / "model.safetensors")
+    proto = data["protocol"]
+    bundle = build_datasets("fashion-mnist", in_chans=1, train_subset=proto["train_subset"], eval_subset=proto["eval_subset"],
+                            seed=proto["seed"], model=model)
+    running = evaluate(model, make_loader(bundle.eval, 32, shuffle=False))
+    update_bn(model, make_loader(bundle.bn, proto["batch_size"], shuffle=False), max_batches=proto["bn_batches"])
+    recomputed = evaluate(model, make_loader(bundle.eval, 32, shuffle=False))
+    ind1 = data["table"]["Ind"]["1B"]
+    assert ind1["nll"] == pytest.approx(recomputed["nll"], abs=1e-5)
+    assert ind1["nll"] != pytest.approx(running["nll"], abs=1e-5)
 
 
 def test_a_stopped_compare_reuses_its_finished_members(compare_runs):
     stop = compare_runs["after_stop"]
     assert compare_runs["rc_stop"] == 0
-    assert stop["ind0"] and stop["ind1"] and not stop["ind2"] and not stop["results"]
+    assert stop["ind0"] and stop["sse"] and not stop["ind1"] and not stop["results"]
     assert (compare_runs["out"] / "seed0" / "ind0" / "pretrain" / "checkpoint" / "optimizer.bin").exists()
     for name, before in stop["mtimes"].items():   # not retrained by the second job
         assert compare_runs["mtimes_full"][name] == before, name
@@ -123,3 +152,48 @@ def test_fge_recipe_bad_cycles_fail_with_one_line(compare_runs, tmp_path, capsys
     rc = _recipe("fge").main([str(start), "--train-subset", "48", "-b", "16", "--output", str(tmp_path / "f"), *extra])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def _cells(table: dict, rows: list[str]) -> dict:
+    return {(row, b): (c["members"], round(c["acc"], 6), round(c["nll"], 5)) for row in rows for b, c in table[row].items()}
+
+
+@pytest.mark.parametrize("launcher", ["workers", "torchrun"])
+def test_the_protocol_is_the_same_under_any_launcher(compare_runs, tmp_path, launcher):
+    """Two worker processes, or two real gloo ranks sharing the members out, train the same members
+    (same update counts, same snapshots) and give the same table as one process doing them in turn."""
+    import subprocess
+    import sys
+
+    from helpers import recipe_env
+
+    out = tmp_path / "cmp"
+    flags = TINY[:-2] + ["--methods", "ind,fge,swa,line", "--output", str(out)]
+    if launcher == "workers":
+        cmd = [sys.executable, "recipes/compare.py", *flags, "--jobs", "2"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "recipes/compare.py", *flags]
+    res = subprocess.run(cmd, cwd=REPO, env=recipe_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    if launcher == "torchrun":
+        assert "rank 1 of 2" in res.stderr and "rank 0 of 2" in res.stderr
+    one = json.loads((compare_runs["out"] / "results.json").read_text())
+    many = json.loads((out / "results.json").read_text())
+    assert many["plan"]["upe"] == one["plan"]["upe"] and many["plan"]["fge_cycle"] == one["plan"]["fge_cycle"]
+    for name in ("ind0", "ind1", "ind2", "line1B"):
+        progress = lambda root: json.loads((root / "seed0" / name / "checkpoint" / "progress.json").read_text())  # noqa: E731
+        assert progress(out)["updates"] == progress(compare_runs["out"])["updates"], name
+    snaps = lambda root: json.loads((root / "seed0" / "fge" / "snapshots.json").read_text())["snapshots"]  # noqa: E731
+    assert [s["iteration"] for s in snaps(out)] == [s["iteration"] for s in snaps(compare_runs["out"])]
+    rows = ["Single network", "Ind", "FGE", "SWA", "Line midpoint", "Line endpoints (ens.)"]
+    assert _cells(many["table"], rows) == _cells(one["table"], rows)
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_are_valid_compare_configs(preset):
+    from subspaces.config import parse_with_config
+
+    args = parse_with_config(_recipe("compare").build_parser(), ["-c", str(preset)])
+    text = preset.read_text()
+    assert args.model and args.epochs >= 1 and args.output.startswith("runs/")
+    assert "ime" in text.split("\n\n")[0] or "timed" in text, "a preset names its expected time"

@@ -1,5 +1,5 @@
 """Tests of the core: shapes, forward/points, anchors, export, state, sampling, BN, regularisers,
-optimiser grouping, parameter coverage, autocast and torch.compile (SCIENCE.md §1, §2, §4, §5)."""
+optimiser grouping, parameter coverage, autocast and torch.compile (docs/science.md §1, §2, §4, §5)."""
 
 from __future__ import annotations
 

@@ -113,6 +113,12 @@ def test_by_size_prefixes_from_one_pass():
         assert by_size[0][key] == pytest.approx(alone[key], rel=1e-6)
     # the members differ, so the prefix metrics are not all equal
     assert by_size[0]["nll"] != pytest.approx(by_size[1]["nll"])
+    # each member alone, from the same pass
+    assert len(result["members"]) == 3
+    for m, metrics in zip(members, result["members"]):
+        alone = evaluate(m, loader)
+        for key in ("acc", "nll", "ece", "brier", "count"):
+            assert metrics[key] == pytest.approx(alone[key], rel=1e-6)
 
 
 def test_evaluate_known_accuracy_on_synthetic_data():

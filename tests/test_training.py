@@ -371,7 +371,7 @@ def test_recipes_found():
 
 # ------------------------------------------------------------------------------------ 8. connect
 def test_garipov_lr_factor():
-    # SCIENCE.md §2: constant for the first half, linear decay to 1% by 90% of training
+    # docs/science.md §2: constant for the first half, linear decay to 1% by 90% of training
     assert garipov_lr_factor(0.0) == 1.0
     assert garipov_lr_factor(0.25) == 1.0
     assert garipov_lr_factor(0.5) == 1.0
@@ -395,6 +395,21 @@ def test_garipov_schedule_steps_per_update():
     assert lrs[95] == pytest.approx(0.015 * 0.01)
     assert lrs[100] == pytest.approx(0.015 * 0.01)
     assert all(a >= b for a, b in zip(lrs, lrs[1:])), "the schedule never rises"
+
+
+def test_garipov_schedule_per_epoch_as_their_code():
+    """With updates_per_epoch the factor is that of the epoch, f(epoch / epochs), constant within it."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = garipov_schedule(opt, total_updates=100, updates_per_epoch=10)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(99):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    for epoch in range(10):
+        assert lrs[10 * epoch : 10 * epoch + 10] == pytest.approx([garipov_lr_factor(epoch / 10)] * 10), epoch
+    assert lrs[69] == pytest.approx(garipov_lr_factor(0.6)) and lrs[69] != pytest.approx(garipov_lr_factor(0.69))
 
 
 def test_connect_writes_curve_and_exports(connect_runs):
