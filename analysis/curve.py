@@ -20,7 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import common  # noqa: E402
 from subspaces.config import ConfigError  # noqa: E402
@@ -51,14 +50,14 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     import torch
 
     from subspaces.pointwise import distance, evaluate_points, integrate_speed
-    from subspaces.shapes import _Curve
+    from subspaces.shapes import Curve
 
     common.check_eval_args(args)
     if args.points < 2:
         raise ConfigError(f"--points must be >= 2 (both ends), got {args.points}")
     timer = common.Timer()
     sub = common.load_run_subspace(args.run_dir)
-    if not isinstance(sub, _Curve):
+    if not isinstance(sub, Curve):
         raise ConfigError(f"{args.run_dir} holds a {type(sub).__name__}, not a curve: curve.py needs a connect run (Bezier or PolyChain)")
     png, js = common.output_paths(args.output or Path(args.run_dir) / "curve.png")
     device = common.device_of(args)

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import common  # noqa: E402
 from subspaces.config import ConfigError  # noqa: E402

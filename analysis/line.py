@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import common  # noqa: E402
 from subspaces.config import ConfigError  # noqa: E402

@@ -23,7 +23,6 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis import common  # noqa: E402
 from subspaces.config import ConfigError  # noqa: E402
@@ -64,15 +63,11 @@ def plane_basis(sub) -> dict:
 
     if sub.num_anchors != 3:
         raise ValueError(f"the plane needs exactly three anchors (A, THETA, B); this {type(sub).__name__} has {sub.num_anchors}")
-    with torch.no_grad():
-        dba = dta = dtb = ba = ta = 0.0
-        for g in sub._groups:
-            a = sub.anchors[A][g.name].detach().double().reshape(-1)
-            d_b = sub.anchors[B][g.name].detach().double().reshape(-1) - a
-            d_t = sub.anchors[THETA][g.name].detach().double().reshape(-1) - a
-            ba += float(d_b @ d_b)
-            ta += float(d_t @ d_t)
-            dtb += float(d_t @ d_b)
+    with torch.no_grad():   # <x - a, y - a> from the centred Gram (float64, exact for any centre)
+        G = sub.gram(centred=True).detach()
+        ba = float(G[B, B] + G[A, A] - 2 * G[A, B])
+        ta = float(G[THETA, THETA] + G[A, A] - 2 * G[A, THETA])
+        dtb = float(G[THETA, B] - G[THETA, A] - G[A, B] + G[A, A])
     nu = math.sqrt(ba)
     if nu == 0:
         raise ValueError("A and B are the same network: the plane needs two distinct ends")

@@ -14,6 +14,8 @@ from .regularizers import cosine_penalty, log_volume
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
 from .snapshots import list_snapshots, load_optimizer_state, swa_average, train_snapshots
 from .subspace import Subspace
+from .train_config import TrainConfig
+from .training import Trainer
 
 __all__ = [
     "Bezier",
@@ -22,6 +24,8 @@ __all__ = [
     "PolyChain",
     "Simplex",
     "Subspace",
+    "TrainConfig",
+    "Trainer",
     "at_coefficients",
     "batchnorm_modules",
     "bn_statistics",

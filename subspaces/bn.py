@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .subspace import Point, Subspace
 
 _INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 
@@ -88,7 +87,7 @@ def _inputs_or_none(batch: Any) -> Any:
 def update_bn(
     model: nn.Module,
     loader: Iterable[Any],
-    point: Point | None = None,
+    point: Any = None,
     max_batches: int | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> nn.Module:
@@ -108,8 +107,9 @@ def update_bn(
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 (or None for the whole loader), got {max_batches}")
+    evaluation_point = getattr(model, "evaluation_point", None)   # a Subspace: the point it evaluates at
     if point is not None:
-        if not isinstance(model, Subspace):
+        if evaluation_point is None:
             raise TypeError(f"point= needs a Subspace, got a plain {type(model).__name__}")
         model.validate_point(point)
     bns = batchnorm_modules(model)
@@ -119,11 +119,7 @@ def update_bn(
     was_training = model.training
     for m in bns:
         m.reset_running_stats()
-    if isinstance(model, Subspace):
-        fixed = model._fixed is not None
-        context: Any = model.at(point) if point is not None else (contextlib.nullcontext() if fixed else model.at(model.centre()))
-    else:
-        context = contextlib.nullcontext()
+    context: Any = evaluation_point(point) if evaluation_point is not None else contextlib.nullcontext()
     device = _device_of(model)
     seen = 0
     samples = 0

@@ -9,7 +9,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, parse_with_config, read_config
+from .config import parse_with_config, read_config
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 #: flags that describe the job rather than the run: a resumed run keeps the caller's values
 _JOB_FLAGS = ("resume", "stop_after_epochs", "log_interval", "cpu")
@@ -59,19 +59,6 @@ def one_line(err: BaseException | str) -> str:
     return " ".join(lines) if lines else type(err).__name__
 
 
-def check_dataset_name(name: str | None) -> None:
-    """Raise ConfigError for a --dataset value that is none of the known names (suggesting one)."""
-    from .data import DATASETS
-
-    if name is None or name in DATASETS:
-        return
-    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
-        return
-    close = difflib.get_close_matches(name, list(DATASETS), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"unknown --dataset {name!r}{hint}; valid: {', '.join(DATASETS)} or imagefolder:PATH")
-
-
 def run(job: Callable[[], Any]) -> int:
     """Run ``job``; known failures become one line on stderr and a non-zero exit status.
 
@@ -79,9 +66,6 @@ def run(job: Callable[[], Any]) -> int:
     1: an operating-system error while reading or writing (disk full, permissions);
     3: a non-finite loss (the last good checkpoint is kept).
     """
-    from .io import CheckpointError
-    from .training import NonFiniteLossError
-
     try:
         job()
     except NonFiniteLossError as err:

@@ -48,13 +48,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
+from rich.console import Console
 
 from .bn import update_bn
 from .claims import check_claims, render_claims
-from .config import ConfigError, save_config
+from .config import save_config
+from .errors import ConfigError, MemberFailed, NonFiniteLossError
 from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate, subspace_points
 from .io import load_model, load_subspace, save_model, write_json
+from .spro import grow_simplex
+from .training import (
+    Trainer,
+    build_data_and_model,
+    create_timm_model,
+    finish_run,
+    make_accelerator,
+    prepare_output,
+    save_checkpoint,
+    wrap_subspace,
+)
 from .snapshots import (
     cycle_iterations,
     is_finished,
@@ -280,10 +294,6 @@ class Runner:
 
     def standard(self, name: str, seed: int, epochs: int, subspace: str = "none", on_update: Any = None, **extra: Any) -> None:
         """Train a plain network or a shape from scratch into ``root/name`` (resuming its checkpoint)."""
-        from accelerate.utils import set_seed
-
-        from .training import Trainer, create_timm_model, finish_run, make_accelerator, wrap_subspace
-
         folder = self.root / name
         margs = _member_args(self.args, folder, seed, epochs, subspace, **extra)
         folder.mkdir(parents=True, exist_ok=True)
@@ -317,8 +327,6 @@ class Runner:
         def save_pretrain(trainer: Any, update: int) -> None:
             if update != P:
                 return
-            from .training import save_checkpoint
-
             if trainer.accelerator.is_main_process:
                 save_model(trainer.unwrapped, pre / "model", {**self.spec, "pretrain_of": str(folder), "iteration": update})
             save_checkpoint(trainer.accelerator, pre, {"epoch": update / trainer.updates_per_epoch, "updates": update}, trainer.scheduler)
@@ -327,10 +335,6 @@ class Runner:
         return self.standard("ind0", seed, self.plan.B, on_update=save_pretrain)
 
     def snapshots(self, method: str) -> None:
-        from accelerate.utils import set_seed
-
-        from .training import create_timm_model, make_accelerator
-
         folder = self.root / method
         p, a = self.plan, self.args
         seed = self.seed + OFFSETS[method]
@@ -355,9 +359,6 @@ class Runner:
 
     def spro(self, j: int) -> None:
         """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
-        from .spro import grow_simplex
-        from .training import make_accelerator
-
         p, folder = self.plan, self.root / f"spro{j}"
         margs = _member_args(self.args, folder, self.seed + OFFSETS["espro"], p.spro_epochs, "simplex",
                              vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0, volume_lambda=self.args.spro_volume_lambda,
@@ -433,17 +434,11 @@ def default_jobs(threads: int, local_processes: int) -> int:
     return max(1, cores // max(1, threads) // max(1, local_processes))
 
 
-class MemberFailed(ConfigError):
-    """A member's worker process failed; the message names the member, its exit status and its log."""
-
-
 def _failure(name: str, rc: int, log_path: Path) -> Exception:
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
     last = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
     msg = f"compare member {name} failed with exit status {rc}: {last.removeprefix('error: ')} (its log: {log_path})"
     if rc == 3:
-        from .training import NonFiniteLossError
-
         return NonFiniteLossError(msg)
     return OSError(msg) if rc == 1 else MemberFailed(msg)
 
@@ -761,10 +756,6 @@ def check_protocol(out: Path, protocol: dict[str, Any]) -> None:
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/compare.py``: plan, train or reuse every member, evaluate, write results."""
-    from rich.console import Console
-
-    from .training import build_data_and_model, make_accelerator, prepare_output
-
     t_start = time.perf_counter()
     if args.resume:
         args.output = args.resume

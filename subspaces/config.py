@@ -15,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from .data import DATASETS
+from .errors import ConfigError
+from .io import atomic_path
 
-class ConfigError(ValueError):
-    """A bad flag, config file or combination of options; the message says how to fix it."""
+
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -111,9 +113,18 @@ def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("e
         raise ConfigError(f"--samples-per-step must be >= 1, got {args.samples_per_step}")
     if getattr(args, "holdout", 0) < 0:
         raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    from .cli import check_dataset_name
-
     check_dataset_name(getattr(args, "dataset", None))
+
+
+def check_dataset_name(name: str | None) -> None:
+    """Raise ConfigError for a --dataset value that is none of the known names (suggesting one)."""
+    if name is None or name in DATASETS:
+        return
+    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
+        return
+    close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"unknown --dataset {name!r}{hint}; valid: {', '.join(DATASETS)} or imagefolder:PATH")
 
 
 def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -152,8 +163,6 @@ def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
 
 def save_config(args: argparse.Namespace | dict[str, Any], path: str) -> None:
     """Write the resolved flags as YAML, atomically (a temporary file renamed over ``path``)."""
-    from .io import atomic_path
-
     data = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=True))

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .errors import DatasetNotFoundError
+
 __all__ = [
     "DATASETS",
     "DataBundle",
@@ -79,10 +81,6 @@ _FMNIST_FILES: dict[str, tuple[int, int]] = {
     "t10k-labels-idx1-ubyte": (2049, 10000),
 }
 _FMNIST_SIDE = 28
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset could not be found or fetched; the message says how to get it."""
 
 
 # --------------------------------------------------------------------------- #

@@ -15,7 +15,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .io import load_model
 from .metrics import ClassificationMetrics
+from .shapes import Simplex
 
 Member = Union[nn.Module, Callable[[], nn.Module], str, os.PathLike]
 
@@ -262,8 +264,6 @@ def subspace_points(sub: nn.Module, how: str = "even", k: int = 5, generator: to
     sampling distribution: t ~ U(0, 1), Dirichlet(1) on a simplex; from ``generator``, by default
     the subspace's own), ``"centre"`` (t = 0.5 or the centroid). Returns a list of point tensors.
     """
-    from .shapes import Simplex
-
     if how not in POINT_MODES:
         raise ValueError(f"how={how!r} is not one of {POINT_MODES}")
     if how in ("even", "random") and (not isinstance(k, int) or k < 1):
@@ -310,8 +310,6 @@ def subspace_ensemble(
 def load_ensemble(paths: Sequence[str | os.PathLike], *, offload: bool = False) -> Ensemble:
     """An :class:`Ensemble` of saved plain models (``.safetensors`` files or run folders),
     each loaded with :func:`subspaces.io.load_model` on first use."""
-    from .io import load_model
-
     if len(paths) == 0:
         raise ValueError("load_ensemble needs at least one path")
     return Ensemble(list(paths), load_fn=load_model, offload=offload)

@@ -28,14 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
 from .shapes import Bezier, Line, PolyChain, Simplex
 from .subspace import Subspace
 
 SHAPES: dict[str, type[Subspace]] = {"line": Line, "bezier": Bezier, "polychain": PolyChain, "simplex": Simplex}
-
-
-class CheckpointError(ValueError):
-    """A file that is missing, truncated, corrupted or of the wrong kind; the message names it."""
 
 
 @contextmanager

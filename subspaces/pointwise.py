@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .bn import batch_inputs, batch_weight, sample_momentum
+from .bn import batch_inputs, batch_weight, sample_momentum, update_bn
 from .ensembles import _split_batch
 from .metrics import nll_per_example
 from .subspace import Subspace
@@ -118,8 +118,6 @@ def export_coefficients(sub: Subspace, coeffs: Any, bn_loader: Iterable | None =
         raise ValueError(f"export_coefficients takes one coefficient vector, got {c.shape[0]}")
     model = sub._materialize(c[0])
     if bn_loader is not None:
-        from .bn import update_bn
-
         update_bn(model, bn_loader, max_batches=bn_batches)
     return model
 

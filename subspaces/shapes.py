@@ -50,7 +50,7 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class _Curve(Subspace):
+class Curve(Subspace):
     """A curve t in [0, 1] -> w(t). Sampling: t ~ U(0, 1); centre t = 0.5."""
 
     @classmethod
@@ -94,7 +94,7 @@ class _Curve(Subspace):
         return sub
 
 
-class Bezier(_Curve):
+class Bezier(Curve):
     """Bezier curve of degree n (K = n + 1 anchors): w(t) = sum_k C(n,k) t^k (1-t)^(n-k) W_k.
 
     Degree 2 is [G]'s quadratic curve (1 - t)^2 w1 + 2t(1 - t) theta + t^2 w2.
@@ -127,7 +127,7 @@ class Line(Bezier):
         return Subspace.extra_repr(self)
 
 
-class PolyChain(_Curve):
+class PolyChain(Curve):
     """Polygonal chain with b bends (K = b + 2): c_k(t) = max(0, 1 - |t (K-1) - k|).
 
     One bend is [G]'s chain: 2(t theta + (0.5 - t) w1) for t <= 0.5, 2((t - 0.5) w2 + (1 - t) theta) after.

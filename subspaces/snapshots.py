@@ -37,7 +37,9 @@ from .bn import update_bn
 from .config import ConfigError, save_config
 from .data import DataBundle, make_loader
 from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
+from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
+from .training import Trainer, build_data_and_model, build_data_for_spec, make_accelerator, prepare_output, results_table
 
 METHODS = ("fge", "sse")
 SNAPSHOT_DIR = "snapshots"
@@ -254,8 +256,6 @@ def train_snapshots(
     ``output/checkpoint`` when there is one. Returns ``{"finished", "snapshots": [Snapshot],
     "optimizer": sentence}``; a finished run writes ``output/snapshots.json``.
     """
-    from .training import Trainer, make_accelerator
-
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     out = Path(output)
@@ -296,8 +296,6 @@ def _evaluate_snapshots(method: str, args: argparse.Namespace, out: Path, data: 
     """Final evaluation of a snapshot run: the ensemble after 1..M snapshots, (FGE) SWA and the start."""
     from rich.console import Console
 
-    from .ensembles import evaluate, load_ensemble
-    from .training import results_table
 
     snaps = list_snapshots(out)
     if not snaps:
@@ -325,8 +323,6 @@ def run_fge(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/fge.py``: load the trained network and its optimiser state, run the
     cyclical schedule, save snapshots, evaluate the ensemble and SWA."""
     from accelerate.utils import set_seed
-
-    from .training import build_data_for_spec, make_accelerator, prepare_output
 
     if args.resume:
         args.output = args.resume
@@ -360,8 +356,6 @@ def run_fge(args: argparse.Namespace) -> dict[str, Any]:
 def run_sse(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/sse.py``: a network from scratch with cosine restarts, a snapshot per cycle."""
     from accelerate.utils import set_seed
-
-    from .training import build_data_and_model, make_accelerator, prepare_output
 
     if args.resume:
         args.output = args.resume

@@ -33,6 +33,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .bn import update_bn
 from .init import reinitialize
 
 Point = Union[float, Sequence[float], Tensor]
@@ -485,6 +486,13 @@ class Subspace(nn.Module):
         finally:
             self._fixed = previous
 
+    def evaluation_point(self, point: Point | None = None) -> contextlib.AbstractContextManager:
+        """Context running every forward at ``point``; with None at the fixed point (``set_point``)
+        if one is set, else at the centre: where :func:`subspaces.bn.update_bn` recomputes BatchNorm."""
+        if point is not None:
+            return self.at(point)
+        return contextlib.nullcontext(self) if self._fixed is not None else self.at(self.centre())
+
     def _check_trainable(self) -> None:
         if (
             torch.is_grad_enabled()
@@ -619,8 +627,6 @@ class Subspace(nn.Module):
         coeffs = self.coefficients(self.centre() if point is None else self.validate_point(point))
         model = self._materialize(coeffs)
         if bn_loader is not None:
-            from .bn import update_bn
-
             update_bn(model, bn_loader, max_batches=bn_batches)
         return model
 

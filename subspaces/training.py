@@ -47,20 +47,19 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from .bn import update_bn
-from .config import ConfigError, save_config, validate_common_args
+from .config import save_config, validate_common_args
+from .errors import ConfigError, NonFiniteLossError
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
-from .io import SHAPES, CheckpointError, file_digest, save_model, save_subspace, verify_checkpoint, write_json
+from .errors import CheckpointError
+from .io import SHAPES, file_digest, save_model, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+from .train_config import TrainConfig
 
 
 # ---------------------------------------------------------------------------------------- setup
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(args: TrainConfig | argparse.Namespace) -> Accelerator:
     """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler.
 
     Without an accelerator device it runs on the CPU explicitly (``cpu=True``): that is how
@@ -341,13 +340,16 @@ def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any
 class Trainer:
     """Train ``model`` (plain or Subspace) for ``args.epochs`` epochs on ``data`` with accelerate.
 
+    ``args`` is a :class:`~subspaces.train_config.TrainConfig` (from Python: see :meth:`create`)
+    or the recipes' parsed flags, which carry the same names.
+
     ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
     stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
     (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
     budget cut: the run stops as if killed after a finished epoch, resumable).
     """
 
-    args: argparse.Namespace
+    args: TrainConfig | argparse.Namespace
     model: nn.Module
     data: DataBundle
     spec: dict[str, Any]
@@ -362,6 +364,17 @@ class Trainer:
     examples_seen: int = 0     # this rank, this process: with input_sum, a fingerprint of its shard
     input_sum: float = 0.0
     volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once per Trainer from the seed
+
+    @classmethod
+    def create(cls, config: TrainConfig, model: nn.Module, data: DataBundle, output: str | Path,
+               spec: dict[str, Any] | None = None, **hooks: Any) -> Trainer:
+        """A Trainer from Python, no command line: accelerate's Accelerator from ``config``
+        (mixed precision, accumulation, CPU), the run folder ``output`` created. ``spec`` is the
+        model spec saved beside exported networks (see :mod:`subspaces.io`); ``hooks`` are
+        ``make_scheduler`` / ``on_update``."""
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(config, model, data, dict(spec or {}), make_accelerator(config), out, **hooks)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -388,7 +401,7 @@ class Trainer:
         else:
             self.scheduler.step()
 
-    def _data_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.args.smoothing)
 
     def _regulariser(self) -> torch.Tensor | None:
@@ -470,9 +483,9 @@ class Trainer:
                 with acc.accumulate(self.model):
                     samples = max(1, getattr(a, "samples_per_step", 1))
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
-                        acc.backward(self._data_loss(self.model(x), y) / samples)
+                        acc.backward(self._loss(self.model(x), y) / samples)
                     logits = self.model(x)
-                    data_loss = self._data_loss(logits, y)
+                    data_loss = self._loss(logits, y)
                     loss = data_loss / samples if samples > 1 else data_loss
                     reg = self._regulariser()
                     if reg is not None:

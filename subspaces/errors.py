@@ -1,0 +1,28 @@
+"""The errors a user can cause, each raised with a message that names the problem and the fix.
+
+The recipes turn them into one line on stderr and an exit status (:func:`subspaces.cli.run`):
+2 for :class:`ConfigError`, :class:`CheckpointError` and :class:`DatasetNotFoundError`,
+3 for :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad flag, config file or combination of options; the message says how to fix it."""
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, truncated, corrupted or of the wrong kind; the message names it."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset could not be found or fetched; the message says how to get it."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class MemberFailed(ConfigError):
+    """A comparison member's worker process failed; the message names the member, its exit status and its log."""
