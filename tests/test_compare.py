@@ -47,7 +47,7 @@ def compare_runs(tmp_path_factory):
         "mtimes": {n: _mtimes(out / "seed0" / n) for n in ("ind0", "sse")},
     }
     rc_full = main(argv)
-    mtimes_full = {n: _mtimes(out / "seed0" / n) for n in ("ind0", "ind1", "ind2", "fge", "sse", "line1B", "simplex1B", "spro0", "spro2")}
+    mtimes_full = {n: _mtimes(out / "seed0" / n) for n in ("ind0", "ind1", "ind2", "fge", "sse", "line1B", "layerwise1B", "simplex1B", "spro0", "spro2")}
     results_mtime = (out / "results.json").stat().st_mtime_ns
     rc_again = main(argv)
     return {"out": out, "rc_stop": rc_stop, "after_stop": after_stop, "rc_full": rc_full, "mtimes_full": mtimes_full,
@@ -65,7 +65,7 @@ def test_compare_writes_all_three_result_files(compare_runs):
             assert 0 <= cell["acc"] <= 1 and cell["nll"] > 0 and cell["members"] >= 1
     assert [table["Ind"][f"{k}B"]["members"] for k in (1, 2, 3)] == [1, 2, 3]
     for row in ("Line midpoint", "Line endpoints (ens.)", "Line 3 points (ens.)", "Simplex centre", "Simplex vertices (ens.)",
-                "Simplex 3 samples (ens.)", "Single network"):
+                "Simplex 3 samples (ens.)", "Single network", "Line (layerwise) midpoint", "Line (layerwise) endpoints (ens.)"):
         assert set(table[row]) == {"1B"}, row
     # ESPRO(k): 3 samples from each of the first k SPRO simplexes, its SPRO epochs in its cost
     assert [table["ESPRO"][f"{k}B"]["members"] for k in (1, 2, 3)] == [3, 6, 9]
@@ -197,3 +197,18 @@ def test_presets_are_valid_compare_configs(preset):
     text = preset.read_text()
     assert args.model and args.epochs >= 1 and args.output.startswith("runs/")
     assert "ime" in text.split("\n\n")[0] or "timed" in text, "a preset names its expected time"
+
+
+def test_the_plan_is_a_pure_function_of_the_settings():
+    """The default compare's plan, derived without training or reading a file."""
+    from subspaces.compare_plan import accounting, make_plan
+
+    args = _recipe("compare").build_parser().parse_args([])
+    plan = make_plan(args, num_train=10_000)
+    assert (plan.B, plan.upe, plan.budget_iters) == (20, 157, 3140)
+    assert plan.pretrain_iter == 2512 and plan.fge_cycle == 156 and plan.fge_epochs == 44
+    assert plan.sse_cycle == 1570 and plan.sse_epochs == 60
+    assert plan.methods == ["ind", "sse", "fge", "swa", "line", "layerwise", "simplex", "espro"]
+    assert plan.spro_cost == pytest.approx(0.1) and plan.cost("ESPRO", 2) == pytest.approx(2.2) and plan.cost("Ind", 2) == 2
+    assert plan.fge_count(1, [78 + 156 * i for i in range(30)]) == 4   # four cycles in the 628 FGE iterations of 1B
+    assert any("ESPRO(k)" in line for line in accounting(plan, args))

@@ -4,7 +4,6 @@ distances of small simplexes, [B]'s normalised log(Vol^2 + 1e-4) and several poi
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import timm

@@ -1,0 +1,332 @@
+"""Training the comparison's members: one process each, in turn, in worker processes or shared out between ranks.
+
+A member is an independent run (an Ind network, the SSE or FGE run, a line, a simplex, a SPRO
+simplex) with a run folder of its own under ``OUTPUT/seedR/``. :class:`Runner` trains one member
+of a replicate (resuming its own checkpoint); :func:`run_members` trains every unfinished one:
+in this process, or ``jobs`` at a time in worker processes (``python -m subspaces.compare_worker``),
+each after the members it starts from, the ranks of a distributed launch claiming them through
+files. Every member trains alone, so the plan is the same under any launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from .compare_plan import OFFSETS, Plan
+from .config import save_config
+from .data import DataBundle
+from .errors import ConfigError, MemberFailed, NonFiniteLossError
+from .io import load_model, save_model, write_json
+from .snapshots import is_finished, train_snapshots
+from .spro import grow_simplex
+from .training import Trainer, create_timm_model, finish_run, make_accelerator, save_checkpoint, wrap_subspace
+
+#: environment variables of a distributed launch: a member's worker process must not see them,
+#: or accelerate would join it to the launcher's process group
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+
+def _member_args(args: argparse.Namespace, folder: Path, seed: int, epochs: int, subspace: str = "none", **extra: Any) -> argparse.Namespace:
+    m = copy.copy(args)
+    m.output, m.seed, m.epochs, m.subspace = str(folder), seed, epochs, subspace
+    m.degree = m.bends = None
+    m.vertices = extra.pop("vertices", None)
+    m.layerwise = extra.pop("layerwise", False)
+    m.same_point = False
+    m.sampling, m.include, m.exclude = "global", None, None
+    m.beta, m.volume_lambda = extra.pop("beta", 0.0), 0.0
+    m.beta_params, m.volume_form, m.samples_per_step = "weights", "benton", 1
+    m.eval_every = 10**9          # evaluate once, after the last epoch
+    m.resume = None
+    m.stop_after_epochs = None
+    for k, v in extra.items():
+        setattr(m, k, v)
+    return m
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any((folder / n / "progress.json").exists() for n in ("checkpoint", "checkpoint.old"))
+
+
+def train_seconds(folder: Path) -> float:
+    """Seconds of training a member folder records (its epochs in metrics.jsonl, SPRO stages included)."""
+    total = 0.0
+    for path in [folder / "metrics.jsonl", *sorted(folder.glob("vertex*/metrics.jsonl"))]:
+        if path.exists():
+            total += sum(json.loads(ln).get("seconds", 0.0) for ln in path.read_text().splitlines() if ln.strip())
+    return total
+
+
+@dataclass(frozen=True)
+class Task:
+    """One member run of replicate ``replicate``: ``name`` is its folder, ``deps`` the members it starts from."""
+
+    replicate: int
+    name: str
+    deps: tuple[str, ...] = ()
+
+
+class Runner:
+    """Trains (or reuses) the members of one replicate (seed) of the protocol."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, data: DataBundle, spec: dict[str, Any], root: Path, seed: int) -> None:
+        self.args, self.plan, self.data, self.spec, self.root, self.seed = args, plan, data, spec, root, seed
+
+    def standard(self, name: str, seed: int, epochs: int, subspace: str = "none", on_update: Any = None, **extra: Any) -> None:
+        """Train a plain network or a shape from scratch into ``root/name`` (resuming its checkpoint)."""
+        folder = self.root / name
+        margs = _member_args(self.args, folder, seed, epochs, subspace, **extra)
+        folder.mkdir(parents=True, exist_ok=True)
+        acc = make_accelerator(margs)
+        set_seed(seed)
+        model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
+        net = wrap_subspace(margs, model, rank=acc.process_index)
+        if acc.is_main_process:
+            save_config(margs, str(folder / "config.yaml"))
+        resume = _has_checkpoint(folder)
+        what = "standard network" if subspace == "none" else f"{subspace} from scratch"
+        log(f"{folder}: {what}, {epochs} epochs, seed {seed}" + (" (resuming)" if resume else ""))
+        trainer = Trainer(margs, net, self.data, self.spec, acc, folder, on_update=on_update)
+        trainer.fit(resume=resume)
+        finish_run(trainer, f"{name} (seed {seed})")
+
+    def ind(self, j: int) -> None:
+        seed = self.seed + OFFSETS["ind"] + j
+        if j != 0 or "fge" not in self.plan.methods:
+            return self.standard(f"ind{j}", seed, self.plan.B)
+        folder, pre = self.root / "ind0", self.root / "ind0" / "pretrain"
+        P = self.plan.pretrain_iter
+        pre_done = (pre / "model.safetensors").exists() and (pre / "checkpoint" / "progress.json").exists()
+        if not (folder / "results.json").exists() and not pre_done and _has_checkpoint(folder):
+            ckpt = folder / "checkpoint" if (folder / "checkpoint" / "progress.json").exists() else folder / "checkpoint.old"
+            if json.loads((ckpt / "progress.json").read_text())["updates"] >= P:
+                log(f"{folder}: its checkpoint is past iteration {P} but the FGE pre-training checkpoint is missing: training it again")
+                for n in ("checkpoint", "checkpoint.old"):
+                    shutil.rmtree(folder / n, ignore_errors=True)
+
+        def save_pretrain(trainer: Any, update: int) -> None:
+            if update != P:
+                return
+            if trainer.accelerator.is_main_process:
+                save_model(trainer.unwrapped, pre / "model", {**self.spec, "pretrain_of": str(folder), "iteration": update})
+            save_checkpoint(trainer.accelerator, pre, {"epoch": update / trainer.updates_per_epoch, "updates": update}, trainer.scheduler)
+            log(f"{pre}: checkpoint after iteration {update} ({update / self.plan.budget_iters:.2f}B) saved for FGE")
+
+        return self.standard("ind0", seed, self.plan.B, on_update=save_pretrain)
+
+    def snapshots(self, method: str) -> None:
+        folder = self.root / method
+        p, a = self.plan, self.args
+        seed = self.seed + OFFSETS[method]
+        epochs = p.fge_epochs if method == "fge" else p.sse_epochs
+        margs = _member_args(a, folder, seed, epochs)
+        acc = make_accelerator(margs)
+        set_seed(seed)
+        resume = _has_checkpoint(folder)
+        if method == "fge":
+            pre = self.root / "ind0" / "pretrain"
+            model = load_model(pre / "model.safetensors")
+            log(f"{folder}: FGE from {pre}, {epochs} epochs, cycle {p.fge_cycle} iterations" + (" (resuming)" if resume else ""))
+            res = train_snapshots("fge", margs, model, self.data, self.spec, folder, cycle=p.fge_cycle, lr_max=a.fge_lr_max,
+                                  lr_min=a.fge_lr_min, optimizer_state=pre / "checkpoint" / "optimizer.bin", accelerator=acc,
+                                  info={"start": str(pre), "start_iteration": p.pretrain_iter})
+        else:
+            model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
+            lr_max = a.sse_lr_max if a.sse_lr_max is not None else a.lr
+            log(f"{folder}: SSE from scratch, {epochs} epochs, cycle {p.sse_cycle} iterations, seed {seed}" + (" (resuming)" if resume else ""))
+            res = train_snapshots("sse", margs, model, self.data, self.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=acc)
+        log(f"{folder}: {len(res['snapshots'])} snapshots")
+
+    def spro(self, j: int) -> None:
+        """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
+        p, folder = self.plan, self.root / f"spro{j}"
+        margs = _member_args(self.args, folder, self.seed + OFFSETS["espro"], p.spro_epochs, "simplex",
+                             vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0, volume_lambda=self.args.spro_volume_lambda,
+                             samples_per_step=p.spro_samples_per_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
+        grow_simplex(margs, str(self.root / f"ind{j}" / "model.safetensors"), folder, make_accelerator(margs), j)
+
+    def tasks(self, replicate: int) -> list[Task]:
+        """The members of this replicate in the order they start, each after the members it starts from."""
+        p = self.plan
+        # the longest runs first, so that worker processes finish together: ind0 (FGE starts
+        # from it), SSE (top x B), FGE (top x B - 0.8B), then the rest
+        inds = [Task(replicate, f"ind{j}") for j in range(max(p.budgets))]
+        out = inds[:1]
+        if "sse" in p.methods:
+            out.append(Task(replicate, "sse"))
+        if "fge" in p.methods:
+            out.append(Task(replicate, "fge", ("ind0",)))
+        out += inds[1:]
+        for k in p.subspace_budgets:
+            for shape in ("line", "layerwise", "simplex"):
+                if shape in p.methods:
+                    out.append(Task(replicate, f"{shape}{k}B"))
+        if "espro" in p.methods:
+            out += [Task(replicate, f"spro{j}", (f"ind{j}",)) for j in range(max(p.budgets))]
+        return out
+
+    def is_done(self, name: str) -> bool:
+        folder = self.root / name
+        if name in ("fge", "sse"):
+            return is_finished(folder)
+        if name.startswith("spro"):
+            return (folder / f"vertex{self.plan.espro_vertices - 1}" / "subspace.safetensors").exists()
+        done = (folder / "results.json").exists()
+        if done and name == "ind0" and "fge" in self.plan.methods and not (folder / "pretrain" / "model.safetensors").exists():
+            raise ConfigError(f"{folder} is finished but its FGE pre-training checkpoint {folder / 'pretrain'} is missing: "
+                              f"delete {folder} to train it again")
+        return done
+
+    def run_task(self, name: str) -> None:
+        """Train member ``name`` of this replicate (resuming its own checkpoint if it has one)."""
+        p, a = self.plan, self.args
+        if name.startswith("ind"):
+            self.ind(int(name[3:]))
+        elif name in ("fge", "sse"):
+            self.snapshots(name)
+        elif name.startswith("spro"):
+            self.spro(int(name[4:]))
+        elif name.startswith(("line", "layerwise", "simplex")) and name.endswith("B"):
+            shape = next(s for s in ("line", "layerwise", "simplex") if name.startswith(s))
+            k = int(name[len(shape):-1])
+            extra = {"beta": a.simplex_beta, "vertices": a.simplex_vertices} if shape == "simplex" else {"beta": a.line_beta}
+            if shape == "layerwise":
+                extra["layerwise"] = True
+            self.standard(name, self.seed + OFFSETS[shape] + k, k * p.B, "simplex" if shape == "simplex" else "line", **extra)
+        else:
+            raise ValueError(f"unknown compare member {name!r}")
+
+
+def worker_environment(threads: int) -> dict[str, str]:
+    """The environment of a member's worker process: this one's, without a distributed launch
+    (the member trains alone) and with ``threads`` OpenMP threads."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL", "NCCL_"))}
+    env["OMP_NUM_THREADS"] = str(max(1, threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def default_jobs(threads: int, local_processes: int) -> int:
+    """Members trained at once by one process: the cores left to it at ``threads`` threads per member."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, threads) // max(1, local_processes))
+
+
+def _failure(name: str, rc: int, log_path: Path) -> Exception:
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
+    last = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
+    msg = f"compare member {name} failed with exit status {rc}: {last.removeprefix('error: ')} (its log: {log_path})"
+    if rc == 3:
+        return NonFiniteLossError(msg)
+    return OSError(msg) if rc == 1 else MemberFailed(msg)
+
+
+def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, in_process: bool,
+                limit: int | None = None, poll: float = 0.2) -> tuple[bool, int]:
+    """Train every unfinished member of ``tasks``; returns (all finished, members trained here).
+
+    In process (one process, ``jobs == 1``): one after the other, in order. Otherwise each member
+    runs in a worker process (``python -m subspaces.compare_worker``), ``jobs`` at a time, a
+    member starting once the members it starts from are finished; under several ranks each
+    claims the next ready member through a file created exclusively in ``OUTPUT/.claims``, so
+    every member is trained once, by whichever rank is free. ``limit`` stops after that many
+    members (``--stop-after-runs``).
+    """
+    trained = 0
+    done = lambda t: runners[t.replicate].is_done(t.name)  # noqa: E731
+    if in_process:
+        for t in tasks:
+            if done(t):
+                log(f"{runners[t.replicate].root / t.name}: finished earlier, reused")
+                continue
+            if limit is not None and trained >= limit:
+                return False, trained
+            t0 = time.perf_counter()
+            runners[t.replicate].run_task(t.name)
+            trained += 1
+            log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
+        return True, trained
+    claims = out / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    running: dict[Task, tuple[subprocess.Popen, Any, float, Path]] = {}
+    # a SIGTERM (a scheduler's stop) unwinds like Ctrl-C, so the workers are stopped, not orphaned
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if threading.current_thread() is threading.main_thread() else None
+    try:
+        while True:
+            for t, (proc, fh, t0, log_path) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[t]
+                if rc != 0:
+                    (claims / f"{t.replicate}.{t.name}.failed").write_text(str(rc))
+                    raise _failure(f"seed{t.replicate}/{t.name}", rc, log_path)
+                log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
+            pending = [t for t in tasks if t not in running and not done(t)]
+            failed = [t for t in pending if (claims / f"{t.replicate}.{t.name}.failed").exists()]
+            if failed:
+                t = failed[0]
+                raise MemberFailed(f"compare member seed{t.replicate}/{t.name} failed in another process; its log: "
+                                   f"{out / f'seed{t.replicate}' / 'logs' / (t.name + '.log')}")
+            if not pending and not running:
+                return True, trained
+            if limit is not None and trained >= limit:
+                if not running:
+                    return False, trained
+            else:
+                for t in pending:
+                    if len(running) >= jobs or (limit is not None and trained >= limit):
+                        break
+                    if not all(runners[t.replicate].is_done(d) for d in t.deps):
+                        continue
+                    try:   # the claim: exactly one process creates this file
+                        os.close(os.open(claims / f"{t.replicate}.{t.name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    except FileExistsError:
+                        continue
+                    running[t] = _start_worker(runners[t.replicate], t, claims)
+                    trained += 1
+            time.sleep(poll)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for proc, fh, _, _ in running.values():   # an error or a signal here: stop the workers (they resume next time)
+            proc.terminate()
+            proc.wait()
+            fh.close()
+
+
+def _start_worker(runner: Runner, task: Task, claims: Path) -> tuple[subprocess.Popen, Any, float, Path]:
+    spec = claims / f"{task.replicate}.{task.name}.json"
+    write_json({"args": vars(runner.args), "replicate": task.replicate, "seed": runner.seed, "root": str(runner.root),
+                "task": task.name}, spec)
+    log_path = runner.root / "logs" / f"{task.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "a")
+    log(f"{runner.root / task.name}: started in a worker process (log {log_path})")
+    proc = subprocess.Popen([sys.executable, "-m", "subspaces.compare_worker", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
+                            env=worker_environment(runner.args.threads), start_new_session=False)
+    return proc, fh, time.perf_counter(), log_path
