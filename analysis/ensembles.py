@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 
-from analysis import common  # noqa: E402
+import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
 from subspaces.config import ConfigError  # noqa: E402
 
 N_BINS = 15

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-from analysis import common  # noqa: E402
+import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
 from subspaces.config import ConfigError  # noqa: E402
 
 

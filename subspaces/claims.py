@@ -5,7 +5,8 @@ hold ``acc`` and ``nll`` (``error`` = 100 (1 - acc)). A claim compares rows of t
 
 - (b) [G] Table 1: FGE(1B) error <= Ind(1B) error.
 - (c1) [W] Figure 1: the line's midpoint trained for 1B has error and NLL <= those of one standard
-  network (the "Single network" row: the mean of the independent networks, each alone).
+  network (the "Single network" row: the mean of the independent networks, each alone); the same
+  for the midpoint of [W]'s layerwise line (c1-layerwise), when the run trains one.
 - (c2) [W]: the ensemble of the line's two endpoints at 1B has error <= Ind(1B); the gap to
   Ind(2B) is reported beside it.
 - (d) [B]: ESPRO(k) error <= Ind(k) error at every budget k both rows have (the same number of
@@ -62,11 +63,13 @@ def _one_seed(table: Table, budgets: Sequence[int]) -> dict[str, tuple[bool, dic
     fge1 = _cell(table, "FGE", 1)
     if ind1 is not None and fge1 is not None:
         out["b"] = (error(fge1) <= error(ind1), {"FGE(1B) error": error(fge1), "Ind(1B) error": error(ind1)})
-    mid, single = _cell(table, "Line midpoint", 1), _cell(table, "Single network", 1)
-    if mid is not None and single is not None:
-        held = error(mid) <= error(single) and float(mid["nll"]) <= float(single["nll"])
-        out["c1"] = (held, {"midpoint error": error(mid), "single error": error(single),
-                            "midpoint NLL": float(mid["nll"]), "single NLL": float(single["nll"])})
+    single = _cell(table, "Single network", 1)
+    for key, row in (("c1", "Line midpoint"), ("c1-layerwise", "Line (layerwise) midpoint")):
+        mid = _cell(table, row, 1)
+        if mid is not None and single is not None:
+            held = error(mid) <= error(single) and float(mid["nll"]) <= float(single["nll"])
+            out[key] = (held, {"midpoint error": error(mid), "single error": error(single),
+                               "midpoint NLL": float(mid["nll"]), "single NLL": float(single["nll"])})
     ends = _cell(table, "Line endpoints (ens.)", 1)
     if ends is not None and ind1 is not None:
         numbers = {"endpoints error": error(ends), "Ind(1B) error": error(ind1)}
@@ -88,13 +91,14 @@ def _one_seed(table: Table, budgets: Sequence[int]) -> dict[str, tuple[bool, dic
 STATEMENTS = {
     "b": ("FGE(1B) error <= Ind(1B) error", "[G] Table 1"),
     "c1": ("Line midpoint at 1B: error and NLL <= one standard network's", "[W] Figure 1"),
+    "c1-layerwise": ("Layerwise line's midpoint at 1B: error and NLL <= one standard network's", "[W], layerwise variant"),
     "c2": ("Line endpoints (ens.) at 1B: error <= Ind(1B) error (gap to Ind(2B) reported)", "[W]"),
     "d": ("ESPRO(k) error <= Ind(k) error, same number of base networks, at every budget", "[B]"),
 }
 
 
 def check_claims(tables: Sequence[Table], budgets: Sequence[int]) -> list[Claim]:
-    """The claims over replicates: one :class:`Claim` per claim the rows allow, in the order b, c1, c2, d."""
+    """The claims over replicates: one :class:`Claim` per claim the rows allow, in the order b, c1, c1-layerwise, c2, d."""
     per_seed = [_one_seed(t, budgets) for t in tables]
     claims = []
     for key, (statement, source) in STATEMENTS.items():

@@ -341,7 +341,6 @@ class Subspace(nn.Module):
             self.anchors.append(nn.ParameterDict({g.name: nn.Parameter(t) for g, t in zip(self._groups, tensors)}))
         self._detach_from_model()
         for g in self._groups:
-            self.register_buffer(f"_numels_{g.name}", torch.tensor(g.numels), persistent=False)
             self.register_buffer(f"_modidx_{g.name}", torch.tensor(g.module_index), persistent=False)
         self._rebind_centre()
 

@@ -30,6 +30,7 @@ from subspaces.pointwise import (
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "analysis"))   # the scripts import their sibling `common` as a script does
 
 from analysis import curve as curve_script  # noqa: E402
 from analysis import line as line_script  # noqa: E402

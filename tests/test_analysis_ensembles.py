@@ -20,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "analysis"))   # the scripts import their sibling `common` as a script does
 
 from analysis import ensembles as script  # noqa: E402
 

@@ -16,6 +16,7 @@ def table(ind=(12.0, 11.0, 10.5), fge=11.5, single=(12.2, 0.40), mid=(11.9, 0.35
          "Single network": {"1B": cell(*single)},
          "FGE": {"1B": cell(fge)},
          "Line midpoint": {"1B": cell(*mid)},
+         "Line (layerwise) midpoint": {"1B": cell(11.0, 0.33)},
          "Line endpoints (ens.)": {"1B": cell(ends)},
          "ESPRO": {f"{k + 1}B": cell(e) for k, e in enumerate(espro)}}
     return t
@@ -27,7 +28,7 @@ def by_key(claims):
 
 def test_claims_that_hold():
     claims = by_key(check_claims([table()], [1, 2, 3]))
-    assert set(claims) == {"b", "c1", "c2", "d"}
+    assert set(claims) == {"b", "c1", "c1-layerwise", "c2", "d"}
     assert all(c.held and c.held_per_seed == [True] for c in claims.values())
     assert claims["c2"].numbers[0]["gap to Ind(2B)"] == pytest.approx(0.8)
     assert claims["b"].numbers[0] == {"FGE(1B) error": pytest.approx(11.5), "Ind(1B) error": pytest.approx(12.0)}
@@ -56,6 +57,6 @@ def test_over_seeds_a_claim_holds_on_two_thirds():
 
 def test_claims_without_their_rows_are_left_out():
     t = table()
-    del t["FGE"], t["ESPRO"]
+    del t["FGE"], t["ESPRO"], t["Line (layerwise) midpoint"]
     assert set(by_key(check_claims([t], [1, 2, 3]))) == {"c1", "c2"}
     assert render_claims([]) == ["No claim could be checked: the run lacks the rows they compare."]

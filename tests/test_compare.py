@@ -72,7 +72,7 @@ def test_compare_writes_all_three_result_files(compare_runs):
     spro_cost = (3 - 1) * 1 * 1 / 2   # (vertices - 1) x epochs per vertex x points per batch / B
     assert [table["ESPRO"][f"{k}B"]["cost"] for k in (1, 2, 3)] == pytest.approx([k * (1 + spro_cost) for k in (1, 2, 3)])
     assert table["Ind"]["2B"]["cost"] == 2
-    assert {c["key"] for c in data["claims"]} == {"b", "c1", "c2", "d"}
+    assert {c["key"] for c in data["claims"]} == {"b", "c1", "c1-layerwise", "c2", "d"}
     assert "## Claims" in (out / "results.md").read_text()
     # FGE's budget counts its 0.8B pre-training: snapshots at iterations 6 + i <= 8k (cycle 2, snapshot at i odd)
     plan = data["plan"]

@@ -60,3 +60,16 @@ def test_analysis_scripts_use_the_public_api():
                 assert not private, f"{path.name} imports private names {private} from {node.module}"
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 assert node.attr not in {"_groups", "_fixed", "_mix", "_materialize"}, f"{path.name} reads the private {node.attr}"
+
+
+def test_analysis_scripts_run_as_scripts_from_any_folder(tmp_path):
+    """`python analysis/X.py` finds its sibling `common` and the installed package, wherever it starts."""
+    import subprocess
+    import sys
+
+    from helpers import recipe_env
+
+    for name in ("curve", "plane", "line", "ensembles"):
+        res = subprocess.run([sys.executable, str(REPO / "analysis" / f"{name}.py"), "--help"], cwd=tmp_path, env=recipe_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and "usage:" in res.stdout, f"{name}.py: {res.stderr[-2000:]}"
