@@ -187,6 +187,10 @@ class Runner:
             out += [Task(replicate, f"spro{j}", (f"ind{j}",)) for j in range(max(p.budgets))]
         return out
 
+    def log_path(self, name: str) -> Path:
+        """Where a worker process writes member ``name``'s output."""
+        return self.root / "logs" / f"{name}.log"
+
     def is_done(self, name: str) -> bool:
         folder = self.root / name
         if name in ("fge", "sse"):
@@ -291,7 +295,7 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
             if failed:
                 t = failed[0]
                 raise MemberFailed(f"compare member seed{t.replicate}/{t.name} failed in another process; its log: "
-                                   f"{out / f'seed{t.replicate}' / 'logs' / (t.name + '.log')}")
+                                   f"{runners[t.replicate].log_path(t.name)}")
             if not pending and not running:
                 return True, trained
             if limit is not None and trained >= limit:
@@ -323,7 +327,7 @@ def _start_worker(runner: Runner, task: Task, claims: Path) -> tuple[subprocess.
     spec = claims / f"{task.replicate}.{task.name}.json"
     write_json({"args": vars(runner.args), "replicate": task.replicate, "seed": runner.seed, "root": str(runner.root),
                 "task": task.name}, spec)
-    log_path = runner.root / "logs" / f"{task.name}.log"
+    log_path = runner.log_path(task.name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "a")
     log(f"{runner.root / task.name}: started in a worker process (log {log_path})")
