@@ -2,7 +2,8 @@
 
 Bad input exits with status 2 and one line naming the problem (no traceback); a failed read or
 write (disk full, permissions) exits with status 1 and one line; a non-finite loss exits with
-status 3 after keeping the last good checkpoint. ``SUBSPACES_DEBUG=1`` re-raises instead, with the
+status 3 after keeping the last good checkpoint; a run stopped by SIGTERM / SIGINT exits with
+status 75 after writing a checkpoint that ``--resume`` continues exactly. ``SUBSPACES_DEBUG=1`` re-raises instead, with the
 traceback.
 """
 
@@ -18,7 +19,10 @@ from typing import Any
 import yaml
 
 from .config import parse_with_config, read_config
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
+
+#: exit status of a run stopped by SIGTERM / SIGINT that can be resumed (sysexits' EX_TEMPFAIL)
+PREEMPTED_STATUS = 75
 
 #: flags that describe the job rather than the run: a resumed run keeps the caller's values
 _JOB_FLAGS = ("resume", "stop_after_epochs", "log_interval", "cpu")
@@ -64,10 +68,13 @@ def run(job: Callable[[], Any]) -> int:
 
     2: bad input (flags, config, missing data, unreadable or unfitting files, other ValueErrors);
     1: an operating-system error while reading or writing (disk full, permissions);
-    3: a non-finite loss (the last good checkpoint is kept).
+    3: a non-finite loss (the last good checkpoint is kept);
+    75: stopped by SIGTERM / SIGINT with a checkpoint to resume from (EX_TEMPFAIL: run it again).
     """
     try:
         job()
+    except Preempted as err:
+        return _fail(err, PREEMPTED_STATUS, prefix="stopped")
     except NonFiniteLossError as err:
         return _fail(err, 3)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
@@ -77,8 +84,8 @@ def run(job: Callable[[], Any]) -> int:
     return 0
 
 
-def _fail(err: BaseException, status: int) -> int:
+def _fail(err: BaseException, status: int, prefix: str = "error") -> int:
     if os.environ.get("SUBSPACES_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}:
         raise err
-    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    print(f"{prefix}: {one_line(err)}", file=sys.stderr, flush=True)
     return status

@@ -2,7 +2,7 @@
 
 The recipes turn them into one line on stderr and an exit status (:func:`subspaces.cli.run`):
 2 for :class:`ConfigError`, :class:`CheckpointError` and :class:`DatasetNotFoundError`,
-3 for :class:`NonFiniteLossError`.
+3 for :class:`NonFiniteLossError`, 75 (EX_TEMPFAIL: try again) for :class:`Preempted`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM / SIGINT after finishing its current step and writing a checkpoint
+    that ``--resume`` continues exactly; the message names the step and the folder."""
 
 
 class MemberFailed(ConfigError):

@@ -48,10 +48,11 @@ from torch import nn
 
 from .bn import update_bn
 from .config import save_config, validate_common_args
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError, NonFiniteLossError, Preempted
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .errors import CheckpointError
+from .preemption import StopSignals
 from .io import SHAPES, file_digest, save_model, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace
@@ -235,20 +236,29 @@ def points_to_evaluate(sub: Subspace, final: bool) -> dict[str, Callable[[], nn.
 
 # ---------------------------------------------------------------------------------------- progress
 class _Progress:
-    """Rich progress bar on a terminal (main process only); plain lines every N steps otherwise."""
+    """Rich progress bar on a terminal (main process only); plain lines every N steps otherwise.
 
-    def __init__(self, accelerator: Accelerator, total: int, epoch: int, epochs: int, log_interval: int) -> None:
+    :meth:`advance` moves the bar (host numbers only, called every step); :meth:`update` sets
+    the text (loss, accuracy), which the loop reads from the device at its log intervals only.
+    """
+
+    def __init__(self, accelerator: Accelerator, total: int, epoch: int, epochs: int, log_interval: int, start: int = 0) -> None:
         self.enabled = accelerator.is_main_process
         self.console = Console(stderr=True)
         self.tty = self.console.is_terminal
         self.total, self.log_interval, self.label = total, max(1, log_interval), f"epoch {epoch + 1}/{epochs}"
+        self.first = start
         self.bar: Progress | None = None
         self.start = time.perf_counter()
         if self.enabled and self.tty:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.bar.add_task(self.label, total=total, info="")
+            self.task = self.bar.add_task(self.label, total=total, completed=start, info="")
             self.bar.start()
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
 
     def update(self, step: int, info: str) -> None:
         if not self.enabled:
@@ -257,7 +267,7 @@ class _Progress:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.log_interval == 0 or step == self.total:
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(step - self.first, 1) * (self.total - step)
             print(f"{self.label} step {step}/{self.total} {info} eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -361,9 +371,8 @@ class Trainer:
     scheduler: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
     updates: int = 0
-    examples_seen: int = 0     # this rank, this process: with input_sum, a fingerprint of its shard
-    input_sum: float = 0.0
-    volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once per Trainer from the seed
+    examples_seen: int = 0     # by this rank in this process
+    volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in _setup from the seed
 
     @classmethod
     def create(cls, config: TrainConfig, model: nn.Module, data: DataBundle, output: str | Path,
@@ -387,6 +396,9 @@ class Trainer:
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
         self.updates_per_epoch = math.ceil(len(self.train_loader) / a.grad_accum_steps)
+        sub = self.unwrapped
+        if isinstance(sub, Subspace) and getattr(a, "volume_lambda", 0) and getattr(a, "volume_form", "benton") == "benton":
+            self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
         if self.make_scheduler is not None:
             self.scheduler = self.make_scheduler(self.optimizer, self.updates_per_epoch)
         elif a.sched != "none":
@@ -414,8 +426,6 @@ class Trainer:
             terms.append(a.beta * cosine_penalty(sub, params=getattr(a, "beta_params", "weights")))
         if getattr(a, "volume_lambda", 0):
             if getattr(a, "volume_form", "benton") == "benton":
-                if self.volume_reference is None:
-                    self.volume_reference = reference_log_volume(sub, seed=a.seed)
                 terms.append(-a.volume_lambda / self.volume_reference * volume_penalty(sub))
             else:
                 terms.append(-a.volume_lambda * log_volume(sub))
@@ -430,9 +440,16 @@ class Trainer:
         return {name: eval_plain(make(), self.data, self.args, self.accelerator, self.eval_loader) for name, make in points_to_evaluate(net, final).items()}
 
     def fit(self, resume: bool = False, train_epochs: int | None = None) -> dict[str, Any]:
+        """Train (or continue from the run folder's checkpoint) up to ``args.epochs`` epochs.
+
+        SIGTERM / SIGINT during training finish the current update, write a checkpoint at that
+        step and raise :class:`~subspaces.errors.Preempted`; ``fit(resume=True)`` continues it
+        with the same weights as an uninterrupted run (the rest of the epoch's batches in the
+        same order). Returns ``{"epochs_done", "finished"}``.
+        """
         a, acc, out = self.args, self.accelerator, self.output
         self._setup()
-        start = 0
+        start, position = 0, None
         metrics_path = out / "metrics.jsonl"
         ckpt = _checkpoint_dir(out) if resume else None
         if ckpt is not None:
@@ -447,41 +464,77 @@ class Trainer:
             except Exception as err:  # a damaged checkpoint: name it, never train from a half-loaded state
                 raise CheckpointError(f"cannot resume from {ckpt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
             start, self.updates = progress["epoch"], progress["updates"]
-            acc.print(f"resumed from {ckpt} after epoch {start}")
+            position = progress.get("within_epoch")
+            where = f"epoch {start + 1}, step {position['step']}" if position else f"epoch {start}"
+            acc.print(f"resumed from {ckpt} after {where}")
             if acc.is_main_process and metrics_path.exists():
                 lines = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln) <= start]
                 metrics_path.write_text("".join(ln + "\n" for ln in lines))
         elif acc.is_main_process and metrics_path.exists():
             metrics_path.unlink()
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
-        for epoch in range(start, stop):
-            self._train_epoch(epoch)
-            last = epoch + 1 == a.epochs
-            record = self.history[-1]
-            if last or (epoch + 1) % a.eval_every == 0:
-                record["eval"] = self.evaluate_now(final=False)
-            if acc.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                _print_epoch(record)
-            net = self.unwrapped
-            rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
-            save_checkpoint(acc, out, {"epoch": epoch + 1, "updates": self.updates}, self.scheduler, rank_state)
+        with StopSignals(announce=acc.is_main_process) as signals:
+            for epoch in range(start, stop):
+                self._train_epoch(epoch, signals, position if epoch == start else None)
+                last = epoch + 1 == a.epochs
+                record = self.history[-1]
+                if last or (epoch + 1) % a.eval_every == 0:
+                    record["eval"] = self.evaluate_now(final=False)
+                if acc.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    _print_epoch(record)
+                self._save({"epoch": epoch + 1, "updates": self.updates})
+                if self._stop_agreed(signals) and epoch + 1 < stop:
+                    raise Preempted(f"{signals.requested or 'a stop on another rank'} after epoch {epoch + 1} of {a.epochs}: "
+                                    f"checkpoint written; continue with --resume {out}")
         return {"epochs_done": stop, "finished": stop == a.epochs}
 
-    def _train_epoch(self, epoch: int) -> None:
+    def _save(self, progress: dict[str, Any]) -> None:
+        net = self.unwrapped
+        rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
+        save_checkpoint(self.accelerator, self.output, progress, self.scheduler, rank_state)
+
+    def _stop_agreed(self, signals: StopSignals) -> bool:
+        """Whether any rank was asked to stop (one all-reduce under DDP, none on one process)."""
+        if self.accelerator.num_processes == 1:
+            return signals.requested is not None
+        flag = torch.full((), float(signals.requested is not None), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def _train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
+        """One epoch, from batch ``position["step"]`` on when resuming a stopped one.
+
+        The step has no host synchronisation: loss, accuracy and a non-finite flag (with the
+        first bad step, update and value) accumulate on the device and are read every
+        ``log_interval`` steps and at the epoch's end, together with the stop requests of all
+        ranks (one small all-reduce under DDP).
+        """
         a, acc = self.args, self.accelerator
         self.model.train()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
-        bar = _Progress(acc, len(self.train_loader), epoch, a.epochs, a.log_interval)
-        loss_sum = torch.zeros((), device=acc.device)
-        correct = torch.zeros((), device=acc.device)
-        seen, t0 = 0, time.perf_counter()
+        total = len(self.train_loader)
+        first = int(position["step"]) if position else 0
+        loader = acc.skip_first_batches(self.train_loader, first) if first else self.train_loader
+        device = acc.device
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen, elapsed_before = 0, 0.0
+        if position and acc.is_main_process:   # the sums over all ranks so far live on the main process
+            loss_sum += position["loss_sum"]
+            correct += int(position["correct"])
+            seen, elapsed_before = int(position["seen"]), float(position["seconds"])
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        bad_update = torch.full((), -1, dtype=torch.long, device=device)
+        bad_value = torch.zeros((), device=device)
+        samples = max(1, getattr(a, "samples_per_step", 1))
+        interval = max(1, a.log_interval)
+        bar = _Progress(acc, total, epoch, a.epochs, interval, start=first)
+        t0 = time.perf_counter()
         try:
-            for step, (x, y) in enumerate(self.train_loader, start=1):
+            for step, (x, y) in enumerate(loader, start=first + 1):
                 with acc.accumulate(self.model):
-                    samples = max(1, getattr(a, "samples_per_step", 1))
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
                         acc.backward(self._loss(self.model(x), y) / samples)
                     logits = self.model(x)
@@ -491,17 +544,11 @@ class Trainer:
                     if reg is not None:
                         loss = loss + reg.to(loss.dtype)
                     logged = loss if samples == 1 else data_loss + (reg.to(data_loss.dtype) if reg is not None else 0)
-                    bad = ~torch.isfinite(loss.detach())
-                    if acc.num_processes > 1:   # every rank stops together, none waits in an all-reduce
-                        bad = acc.reduce(bad.float(), reduction="sum") > 0
-                    if bad:
-                        done = _checkpoint_dir(self.output, verify=False)
-                        kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
-                        value = loss.item() if not torch.isfinite(loss.detach()) else "NaN or infinite on another rank"
-                        raise NonFiniteLossError(
-                            f"loss is {value} at epoch {epoch + 1}, step {step} (update {self.updates + 1}): the run "
-                            f"stopped; {kept}. Lower --lr, or try --mixed-precision no / bf16"
-                        )
+                    detached = loss.detach()
+                    newly_bad = ~torch.isfinite(detached) & (bad_step < 0)
+                    bad_value = torch.where(newly_bad, detached.float(), bad_value)
+                    bad_update = torch.where(newly_bad, self.updates + 1, bad_update)
+                    bad_step = torch.where(newly_bad, step, bad_step)
                     acc.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -511,23 +558,68 @@ class Trainer:
                     if self.on_update is not None:
                         self.on_update(self, self.updates)
                 self.examples_seen += y.shape[0]
-                self.input_sum += float(x.detach().double().sum())
-                loss_sum += logged.detach() * y.shape[0]   # the last point's loss and the regulariser
+                loss_sum += logged.detach().float() * y.shape[0]   # the last point's loss and the regulariser
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
-                if step % a.log_interval == 0 or step == len(self.train_loader) or bar.bar is not None:
+                bar.advance(step)
+                at_interval = step % interval == 0 or step == total
+                local_stop = acc.num_processes == 1 and signals.requested is not None
+                if not (at_interval or local_stop):
+                    continue
+                stop, mean_loss, accuracy = self._check_in(epoch, step, signals, bad_step, bad_update, bad_value, loss_sum, correct, seen)
+                if at_interval:
                     lr = self.optimizer.param_groups[0]["lr"]
-                    rate = seen * acc.num_processes / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(step, f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.3f} lr {lr:.3g} {rate:.0f} samples/s")
+                    rate = (seen - (position["seen"] if position and acc.is_main_process else 0)) * acc.num_processes
+                    rate /= max(time.perf_counter() - t0, 1e-9)
+                    bar.update(step, f"loss {mean_loss:.4f} acc {accuracy:.3f} lr {lr:.3g} {rate:.0f} samples/s")
+                if stop and acc.sync_gradients:
+                    self._stop_within_epoch(epoch, step, loss_sum, correct, seen, elapsed_before + time.perf_counter() - t0, signals)
         finally:
             bar.close()
-        totals = acc.reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=acc.device)]), reduction="sum")
-        elapsed = time.perf_counter() - t0
+        totals = acc.reduce(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]),
+                            reduction="sum").tolist()
+        elapsed = elapsed_before + time.perf_counter() - t0
         self.history.append({
-            "epoch": epoch + 1, "updates": self.updates, "train_loss": float(totals[0] / totals[2]),
-            "train_acc": float(totals[1] / totals[2]), "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": float(totals[2]) / elapsed, "seconds": elapsed,
+            "epoch": epoch + 1, "updates": self.updates, "train_loss": totals[0] / totals[2],
+            "train_acc": totals[1] / totals[2], "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": totals[2] / elapsed, "seconds": elapsed,
         })
+
+    def _check_in(self, epoch: int, step: int, signals: StopSignals, bad_step: torch.Tensor, bad_update: torch.Tensor,
+                  bad_value: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[bool, float, float]:
+        """The loop's one host synchronisation per log interval: raise NonFiniteLossError if a loss
+        since the last check was NaN / infinite on any rank; return whether any rank was asked to
+        stop, and this rank's mean loss and accuracy so far (for the progress line)."""
+        acc = self.accelerator
+        stop = torch.full((), float(signals.requested is not None), device=acc.device)
+        flags = torch.stack([(bad_step >= 0).float(), stop])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        any_bad, any_stop, loss_total, correct_total = torch.cat([flags, loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
+        if any_bad:
+            local_step, local_update, value = int(bad_step), int(bad_update), float(bad_value)
+            done = _checkpoint_dir(self.output, verify=False)
+            kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
+            if local_step >= 0:
+                where = f"loss is {value} at epoch {epoch + 1}, step {local_step} (update {local_update})"
+            else:
+                where = f"loss is NaN or infinite on another rank in epoch {epoch + 1}, by step {step}"
+            raise NonFiniteLossError(f"{where}, found at the check of step {step}: the run stopped; {kept}. "
+                                     "Lower --lr, or try --mixed-precision no / bf16")
+        return bool(any_stop), loss_total / max(seen, 1), correct_total / max(seen, 1)
+
+    def _stop_within_epoch(self, epoch: int, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
+                           seconds: float, signals: StopSignals) -> None:
+        """Checkpoint at this step (the epoch's sums so far, over all ranks) and raise Preempted."""
+        acc = self.accelerator
+        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=acc.device, dtype=torch.float64)])
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, reduction="sum")
+        loss_total, correct_total, seen_total = sums.tolist()
+        position = {"step": step, "loss_sum": loss_total, "correct": int(correct_total), "seen": int(seen_total), "seconds": seconds}
+        self._save({"epoch": epoch, "updates": self.updates, "within_epoch": position})
+        raise Preempted(f"{signals.requested or 'a stop on another rank'} at epoch {epoch + 1}, step {step} of "
+                        f"{len(self.train_loader)} (update {self.updates}): checkpoint written; continue with --resume {self.output}")
 
 
 def _epoch_of(line: str) -> float:
@@ -591,8 +683,8 @@ def sync_buffers(model: nn.Module, accelerator: Accelerator) -> None:
 
 
 def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
-    """What this rank did: its data shard's fingerprint (count, sum of inputs), a digest of its
-    final weights and the metrics it computed; written per rank to check distributed runs."""
+    """What this rank did: the examples it trained on in this process, a digest of its final
+    weights and the metrics it computed; written per rank to check distributed runs."""
     digest = hashlib.sha256()
     for name, tensor in sorted(trainer.unwrapped.state_dict().items()):
         if name.endswith("_extra_state"):   # the point generator differs per rank on purpose
@@ -601,7 +693,7 @@ def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     acc = trainer.accelerator
     return {"rank": acc.process_index, "world_size": acc.num_processes, "examples_seen": trainer.examples_seen,
-            "input_sum": trainer.input_sum, "weights_sha256": digest.hexdigest(), "results": results}
+            "weights_sha256": digest.hexdigest(), "results": results}
 
 
 def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, Any]:

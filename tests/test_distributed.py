@@ -14,7 +14,7 @@ import types
 import pytest
 import timm
 
-from helpers import EVAL_SUBSET, SEED, TINY, TRAIN_SUBSET, BATCH, assert_metrics, read_json, read_metrics, run
+from helpers import EVAL_SUBSET, TINY, TRAIN_SUBSET, BATCH, assert_metrics, read_json, read_metrics, run, run_all
 
 WORLD = 2
 EPOCHS = 1
@@ -33,19 +33,25 @@ def ddp_run(tmp_path_factory):
     return types.SimpleNamespace(out=out, res=res, ranks=ranks)
 
 
-@pytest.fixture(scope="module")
-def train_input_sum():
-    """Sum of every training input of the run's subset, built as training builds it."""
-    from subspaces.data import build_datasets
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), *args]
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SUBSPACES_OFFLINE", "1")
-        mp.delenv("SUBSPACES_DATA", raising=False)
-        model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
-        data = build_datasets("fashion-mnist", in_chans=1, train_subset=TRAIN_SUBSET, eval_subset=EVAL_SUBSET,
-                              seed=SEED, model=model)
-    assert len(data.train) == TRAIN_SUBSET
-    return sum(float(data.train[i][0].double().sum()) for i in range(len(data.train)))
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    """tests/ddp_probe.py three times: 2 epochs uninterrupted; stopped by SIGTERM on rank 0 after
+    update 6 (step 2 of epoch 2); that run resumed."""
+    root = tmp_path_factory.mktemp("probe")
+    common = ["tests/ddp_probe.py", "--epochs", "2", "--train", "256"]
+    results = run_all({"ref": _torchrun(*common[:1], str(root / "ref"), *common[1:]),
+                       "term": _torchrun(*common[:1], str(root / "term"), *common[1:], "--term-at", "6")})
+    term = root / "term"
+    stopped = {"rank0": read_json(term / "probe_rank0.json") if (term / "probe_rank0.json").exists() else None,
+               "progress": read_json(term / "checkpoint" / "progress.json") if (term / "checkpoint" / "progress.json").exists() else None,
+               "rank_states": sorted(p.name for p in (term / "checkpoint").glob("rank_state_*.pt"))}
+    resumed = run(_torchrun(*common[:1], str(term), *common[1:], "--resume"))
+    read = lambda name: [read_json(root / name / f"probe_rank{r}.json") for r in range(WORLD)]  # noqa: E731
+    return types.SimpleNamespace(root=root, res={**results, "resumed": resumed}, read=read, stopped=stopped)
 
 
 def test_two_ranks_ran(ddp_run):
@@ -57,12 +63,34 @@ def test_two_ranks_ran(ddp_run):
     assert read_json(ddp_run.out / "checkpoint" / "progress.json")["updates"] == EPOCHS * TRAIN_SUBSET // (WORLD * BATCH)
 
 
-def test_each_rank_trains_on_its_own_shard(ddp_run, train_input_sum):
+def test_each_rank_trains_on_its_own_shard(ddp_run):
     seen = [r["examples_seen"] for r in ddp_run.ranks]
     assert seen == [EPOCHS * TRAIN_SUBSET // WORLD] * WORLD
-    sums = [r["input_sum"] for r in ddp_run.ranks]
-    assert sums[0] != sums[1], "both ranks saw the same examples"
-    assert sum(sums) == pytest.approx(EPOCHS * train_input_sum, rel=1e-9, abs=1e-6)
+
+
+def test_the_ranks_split_every_epoch_between_them(probes):
+    assert probes.res["ref"].rc == 0, probes.res["ref"].explain()
+    ranks = probes.read("ref")
+    per_epoch = 256 // WORLD
+    for epoch in range(2):
+        shards = [set(r["served"][epoch * per_epoch:(epoch + 1) * per_epoch]) for r in ranks]
+        assert all(len(s) == per_epoch for s in shards), "a rank saw an example twice in one epoch"
+        assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(256))
+    assert [r["examples_seen"] for r in ranks] == [2 * per_epoch] * WORLD
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(probes):
+    """Rank 0 alone gets SIGTERM; the ranks agree at the next check, write one checkpoint together
+    (a collective: a rank that went on training would hang it) and stop; torchrun then ends the job."""
+    stopped = probes.stopped
+    assert stopped["rank0"] and stopped["rank0"]["status"] == 75 and stopped["rank0"]["updates"] == 6, probes.res["term"].explain()
+    assert "stopped: SIGTERM at epoch 2, step 2 of 4 (update 6)" in probes.res["term"].stderr
+    assert stopped["progress"]["updates"] == 6 and stopped["progress"]["within_epoch"]["step"] == 2
+    assert stopped["progress"]["within_epoch"]["seen"] == 2 * 32 * WORLD, "the epoch's sums so far cover both ranks"
+    assert stopped["rank_states"] == [f"rank_state_{r}.pt" for r in range(WORLD)]
+    assert probes.res["resumed"].rc == 0, probes.res["resumed"].explain()
+    final, ref = probes.read("term"), probes.read("ref")
+    assert {r["weights_sha256"] for r in final} == {ref[0]["weights_sha256"]}, "resumed weights differ from the uninterrupted run"
 
 
 def test_ranks_report_the_gathered_metrics(ddp_run):

@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers import STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
+from helpers import BATCH, STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
 from subspaces import io as ssio
-from subspaces.io import CheckpointError, load_model, save_model, verify_checkpoint
+from subspaces.io import CheckpointError, save_model, verify_checkpoint
 from subspaces.training import NonFiniteLossError, _checkpoint_dir, save_checkpoint
 
 LINE = ["--subspace", "line", *TINY, "--epochs", "2"]
@@ -48,7 +48,7 @@ def die():
     sys.stdout.flush(); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-if mode in ("kill_step", "nan"):
+if mode in ("kill_step", "nan", "term"):
     original, calls = training.Trainer._loss, [0]
     def _loss(self, logits, y):
         calls[0] += 1
@@ -56,6 +56,10 @@ if mode in ("kill_step", "nan"):
         if calls[0] >= n:
             if mode == "kill_step":
                 die()
+            if mode == "term":   # a scheduler's preemption notice, delivered in the middle of step n
+                if calls[0] == n:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return loss
             return loss * float("nan")
         return loss
     training.Trainer._loss = _loss
@@ -91,8 +95,8 @@ def crashes(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    ref, killed, nan, damaged = root / "ref", root / "killed", root / "nan", root / "damaged"
-    ns = types.SimpleNamespace(ref=ref, killed=killed, nan=nan, damaged=damaged, res={}, snap={})
+    ref, killed, nan, damaged, term = root / "ref", root / "killed", root / "nan", root / "damaged", root / "term"
+    ns = types.SimpleNamespace(ref=ref, killed=killed, nan=nan, damaged=damaged, term=term, res={}, snap={})
 
     def drive(mode: str, n: int, *args) -> list[str]:
         return recipe_cmd("train.py", *args)[:1] + [str(driver), mode, str(n), "recipes/train.py", *map(str, args)]
@@ -112,6 +116,12 @@ def crashes(tmp_path_factory):
         }
         # 3. resumed to the end
         ns.res["resume"] = run(recipe_cmd("train.py", "--resume", killed))
+        # 4. SIGTERM in the middle of step 2 of epoch 2: the step finishes, a checkpoint at that step, then resumed
+        ns.res["term"] = run(drive("term", STEP, *LINE, "--output", term))
+        ckpt = term / "checkpoint"
+        ns.snap["after_term"] = _progress(ckpt) if (ckpt / "progress.json").exists() else None
+        ns.snap["term_epochs"] = [r["epoch"] for r in read_metrics(term)] if (term / "metrics.jsonl").exists() else None
+        ns.res["term_resume"] = run(recipe_cmd("train.py", "--resume", term))
 
     def lane_others() -> None:
         ns.res["ref"] = run(recipe_cmd("train.py", *LINE, "--output", ref))
@@ -172,7 +182,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_epoch_1(crashes):
     assert res.rc == 3, res.explain()
     assert "Traceback" not in res.stderr, res.explain()
     last = res.error_lines()[-1]
-    assert last.startswith("error: loss is nan at epoch 2, step 2 (update 6)"), last
+    assert last.startswith("error: loss is nan at epoch 2, step 2 (update 6), found at the check of step 4"), last
     assert "checkpoint" in last and "kept" in last, last
     ckpt = crashes.nan / "checkpoint"
     assert _progress(ckpt)["epoch"] == 1 and _progress(ckpt)["updates"] == STEPS_PER_EPOCH
@@ -181,6 +191,27 @@ def test_nan_loss_stops_naming_the_step_and_keeps_epoch_1(crashes):
     _assert_equal_tensors(weights, crashes.snap["epoch1_weights"], "the NaN run's checkpoint vs epoch 1 of the same seed")
     for name in ("subspace.safetensors", "results.json", ".checkpoint.tmp", "checkpoint.old"):
         assert not (crashes.nan / name).exists(), f"{name} written by a run that diverged"
+
+
+def test_sigterm_finishes_the_step_checkpoints_it_and_resumes_exactly(crashes):
+    res = crashes.res["term"]
+    assert res.rc == 75, res.explain()
+    assert "Traceback" not in res.stderr, res.explain()
+    last = res.error_lines()[-1]
+    assert last.startswith("stopped: SIGTERM at epoch 2, step 2 of 4 (update 6): checkpoint written; continue with --resume"), last
+    progress = crashes.snap["after_term"]
+    assert progress["epoch"] == 1 and progress["updates"] == STEPS_PER_EPOCH + 2
+    assert progress["within_epoch"]["step"] == 2 and progress["within_epoch"]["seen"] == 2 * BATCH
+    assert crashes.snap["term_epochs"] == [1]
+    _ok(crashes.res["ref"])
+    resumed = crashes.res["term_resume"]
+    _ok(resumed)
+    assert "after epoch 2, step 2" in resumed.stdout, resumed.explain()
+    _assert_equal_tensors(_tensors(crashes.term / "subspace.safetensors"), _tensors(crashes.ref / "subspace.safetensors"),
+                          "stopped by SIGTERM mid-epoch and resumed vs uninterrupted")
+    ref_metrics, term_metrics = read_metrics(crashes.ref), read_metrics(crashes.term)
+    assert [m["train_loss"] for m in term_metrics] == [m["train_loss"] for m in ref_metrics]
+    assert [m["eval"] for m in term_metrics] == [m["eval"] for m in ref_metrics]
 
 
 def test_resume_from_a_corrupted_checkpoint_names_the_file(crashes):
