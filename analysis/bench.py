@@ -7,6 +7,8 @@ wrapped variants of it:
     connect  ``ss.Bezier.connect(a, b)``: quadratic Bezier curve, 3 anchors, the middle one trainable
     line     ``ss.Line(model)`` from scratch: 2 anchors, both trainable
     simplex  ``ss.Simplex(model, vertices=3)`` from scratch: 3 anchors, all trainable
+    line_pp, simplex_pp   (opt-in via ``--variants``) the same with ``layout="per_parameter"``:
+             one anchor tensor per parameter, as per-tensor optimisers and layer decay need
 
 and times one training step (``zero_grad(set_to_none=True)`` + forward + cross-entropy +
 backward + ``torch.optim.SGD(momentum=0.9)`` step, torch's default foreach implementation) on
@@ -78,6 +80,8 @@ from torch import nn
 import subspaces as ss
 
 VARIANTS = ("plain", "connect", "line", "simplex")
+# opt-in (``--variants``): the same shapes with one anchor tensor per parameter (layout="per_parameter")
+LAYOUT_VARIANTS = ("line_pp", "simplex_pp")
 MODEL_ALIASES = {
     "vit_tiny": "vit_tiny_patch16_224",
     "deep_narrow": "resnet110",
@@ -150,12 +154,12 @@ def build_variants(name: str, img_size: int, num_classes: int, variants: Sequenc
         elif v == "connect":
             model_b = build_model(name, img_size, num_classes)   # a second, independent init
             m = ss.Bezier.connect(model_a, model_b, seed=1)
-        elif v == "line":
-            m = ss.Line(model_a, seed=2)
-        elif v == "simplex":
-            m = ss.Simplex(model_a, vertices=3, seed=3)
+        elif v in ("line", "line_pp"):
+            m = ss.Line(model_a, seed=2, layout="per_parameter" if v == "line_pp" else "flat")
+        elif v in ("simplex", "simplex_pp"):
+            m = ss.Simplex(model_a, vertices=3, seed=3, layout="per_parameter" if v == "simplex_pp" else "flat")
         else:
-            raise ValueError(f"unknown variant {v!r}: choose from {VARIANTS}")
+            raise ValueError(f"unknown variant {v!r}: choose from {VARIANTS + LAYOUT_VARIANTS}")
         out[v] = m.to(device)
     return out
 
@@ -587,7 +591,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                "(CIFAR ResNet-110 defined here), or any timm model name.",
     )
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s; the first is the reference for ratios")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s, line_pp, simplex_pp (per-parameter layout); the first is the reference for ratios")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of %(default)s")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=32)
@@ -612,8 +616,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     args.workloads = [w for w in args.workloads.split(",") if w]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+        if v not in VARIANTS + LAYOUT_VARIANTS:
+            p.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS + LAYOUT_VARIANTS)}")
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}: choose from {', '.join(WORKLOADS)}")

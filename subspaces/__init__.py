@@ -13,11 +13,12 @@ from .pointwise import (
 from .regularizers import cosine_penalty, log_volume
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
 from .snapshots import list_snapshots, load_optimizer_state, swa_average, train_snapshots
-from .subspace import Subspace
+from .subspace import Subspace, layout_for
 from .train_config import TrainConfig
 from .training import Trainer
 
 __all__ = [
+    "layout_for",
     "Bezier",
     "Ensemble",
     "Line",

@@ -50,6 +50,8 @@ def add_optim_args(p: argparse.ArgumentParser, *, lr: float = 0.05, epochs: int 
     g.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=wd, help="weight decay (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="timm's layer-wise lr decay in (0, 1]: block l of L trains at lr * d^(L - l); anchors are then stored per parameter (default: off)")
     g.add_argument("--sched", default=sched, help="timm scheduler: cosine | step | multistep | plateau | poly | tanh | none (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=epochs, help="epochs (default: %(default)s)")
     g.add_argument("--warmup-epochs", type=int, default=warmup, help="warm-up epochs (default: %(default)s)")
@@ -68,6 +70,9 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--log-interval", type=int, default=50, help="steps between plain-text progress lines when not on a terminal")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (always after the last)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    g.add_argument("--export-format", default="both", choices=["both", "timm", "safetensors"],
+                   help="trained networks as timm folders (timm.create_model('local-dir:PATH', pretrained=True)), "
+                        "safetensors + JSON spec (subspaces.io.load_model), or both (default: %(default)s)")
 
 
 def add_subspace_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +114,9 @@ def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("e
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if getattr(args, "lr", 1.0) <= 0:
         raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    layer_decay = getattr(args, "layer_decay", None)
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be in (0, 1] (timm uses e.g. 0.75), got {layer_decay}")
     if getattr(args, "samples_per_step", 1) < 1:
         raise ConfigError(f"--samples-per-step must be >= 1, got {args.samples_per_step}")
     if getattr(args, "holdout", 0) < 0:

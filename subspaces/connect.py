@@ -11,6 +11,7 @@ from .config import ConfigError, save_config, validate_common_args
 from .io import load_model
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
+from .subspace import layout_for
 from .training import Trainer, build_data_for_spec, finish_run, make_accelerator, prepare_output
 
 
@@ -45,10 +46,12 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     data = build_data_for_spec(args, spec, model_a)
     seed = args.seed if args.same_point else args.seed + 100_003 * accelerator.process_index
+    layout = layout_for(args.opt, args.layer_decay)
     if args.curve == "bezier":
-        curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed)
+        curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed, layout=layout)
     else:
-        curve = PolyChain.connect(model_a, model_b, bends=args.bends if args.bends is not None else 1, sampling=args.sampling, seed=seed)
+        curve = PolyChain.connect(model_a, model_b, bends=args.bends if args.bends is not None else 1, sampling=args.sampling,
+                                  seed=seed, layout=layout)
     if accelerator.is_main_process:
         save_config(args, str(out / "config.yaml"))
     make_scheduler = None

@@ -6,12 +6,16 @@ A *model spec* is the JSON needed to recreate a network with timm::
      "mean": [...], "std": [...], "dataset": "fashion-mnist"}
 
 ``NAME.safetensors`` holds the weights and ``NAME.json`` the spec (and, for a subspace, its shape).
+:func:`save_for_timm` writes a plain model as timm's ``save_for_hf`` folder instead
+(``config.json`` + ``model.safetensors``), which ``timm.create_model("local-dir:PATH",
+pretrained=True)`` loads, our spec kept in its config.json under ``"subspaces"``.
 Every write goes to a temporary file in the same folder first and is then renamed over the
 target, so a job killed mid-save leaves the previous file intact.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -25,10 +29,11 @@ from typing import Any
 import timm
 import torch
 from safetensors import SafetensorError
+from timm.models import save_for_hf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .shapes import Bezier, Line, PolyChain, Simplex
 from .subspace import Subspace
 
@@ -179,9 +184,106 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any]) 
     return path
 
 
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "model.safetensors"
+
+
+def is_timm_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder in timm's ``save_for_hf`` layout (config.json + model.safetensors)."""
+    path = Path(path)
+    return (path / TIMM_CONFIG).is_file() and (path / TIMM_WEIGHTS).is_file()
+
+
+def save_for_timm(model: nn.Module, folder: str | os.PathLike, spec: dict[str, Any]) -> Path:
+    """Write a plain timm model as timm's ``save_for_hf`` folder, atomically: ``model.safetensors``
+    (its ``state_dict``) and ``config.json`` with ``architecture = spec['model']``,
+    ``num_classes``, ``model_args`` = {num_classes, in_chans, **spec['model_kwargs']} and a
+    ``pretrained_cfg`` whose input_size = (in_chans, img_size, img_size), mean and std come from
+    ``spec``; ``config.json['subspaces']`` is ``spec`` (with ``point``, when given, naming the
+    subspace point) plus the weights' size and SHA-256.
+    ``timm.create_model(f"local-dir:{folder}", pretrained=True)`` then rebuilds the network."""
+    folder = Path(folder)
+    missing = [k for k in ("model", "num_classes", "in_chans") if k not in spec]
+    if missing:
+        raise ConfigError(f"save_for_timm: spec lacks {', '.join(missing)}; pass the run's model spec (see subspaces.io)")
+    if not hasattr(model, "pretrained_cfg") or not timm.is_model(spec["model"]):
+        raise ConfigError(f"save_for_timm: {type(model).__name__} is not a timm model {spec['model']!r}; use save_model for other networks")
+    if getattr(model, "num_classes", spec["num_classes"]) != spec["num_classes"]:
+        raise ConfigError(f"save_for_timm: the model has {model.num_classes} classes but spec says {spec['num_classes']}")
+    model_args = {"num_classes": spec["num_classes"], "in_chans": spec["in_chans"], **dict(spec.get("model_kwargs") or {})}
+    data_config: dict[str, Any] = {"input_size": (spec["in_chans"], spec["img_size"], spec["img_size"])} if spec.get("img_size") else {}
+    for key in ("mean", "std"):
+        if spec.get(key) is not None:
+            data_config[key] = tuple(spec[key])
+    record = {k: v for k, v in spec.items() if k not in ("weights", "kind")}
+    with atomic_path(folder) as tmp:
+        try:
+            save_for_hf(model if _on_cpu(model) else copy.deepcopy(model).cpu(), str(tmp), model_args=model_args, safe_serialization=True,
+                        data_config=data_config or None)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"save_for_timm: timm cannot describe this {spec['model']}: {str(err).splitlines()[0]}") from None
+        config = json.loads((tmp / TIMM_CONFIG).read_text())
+        config["subspaces"] = {**record, "kind": "model", "weights": file_digest(tmp / TIMM_WEIGHTS)}
+        (tmp / TIMM_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+EXPORT_FORMATS = ("both", "timm", "safetensors")
+
+
+def save_export(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any], export_format: str = "both") -> list[Path]:
+    """Write a plain model at ``path`` in ``export_format``: ``"safetensors"`` (``path.safetensors``
+    + ``path.json``, :func:`save_model`), ``"timm"`` (the folder ``path/``, :func:`save_for_timm`)
+    or ``"both"``. Returns what was written."""
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    path = Path(path)
+    written = []
+    if export_format in ("both", "safetensors"):
+        written.append(save_model(model, path, spec))
+    if export_format in ("both", "timm"):
+        written.append(save_for_timm(model, path.with_suffix(""), spec))
+    return written
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in model.state_dict().values())
+
+
+def _timm_folder_spec(folder: Path) -> dict[str, Any]:
+    """Our spec of a timm folder: its ``config.json['subspaces']``, else one built from timm's
+    own fields (architecture, num_classes, model_args) for folders timm itself wrote."""
+    config = _read_json(folder / TIMM_CONFIG)
+    if isinstance(config.get("subspaces"), dict):
+        return config["subspaces"]
+    args = dict(config.get("model_args") or {})
+    cfg = config.get("pretrained_cfg") or {}
+    in_chans = args.pop("in_chans", (cfg.get("input_size") or [3])[0])
+    num_classes = args.pop("num_classes", config.get("num_classes"))
+    if "architecture" not in config or num_classes is None:
+        raise CheckpointError(f"{folder / TIMM_CONFIG} lacks architecture / num_classes: it is not a timm model config")
+    return {"model": config["architecture"], "num_classes": num_classes, "in_chans": in_chans, "model_kwargs": args,
+            "mean": cfg.get("mean"), "std": cfg.get("std")}
+
+
 def load_model(path: str | os.PathLike) -> nn.Module:
-    """Recreate a model written by :func:`save_model` (``path``: the .safetensors, or a run folder)."""
+    """Recreate a model written by :func:`save_model` or :func:`save_for_timm` (``path``: the
+    .safetensors, a timm folder, or a run folder)."""
     path = resolve_model_path(path)
+    if path.is_dir():   # timm's layout
+        spec_path = path / TIMM_CONFIG
+        spec = _timm_folder_spec(path)
+        _check_spec(spec, spec_path)
+        model = _create_from(spec, spec_path)
+        weights = path / TIMM_WEIGHTS
+        state = _load_tensors(weights)
+        _check_digest(weights, spec, spec_path)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{weights} does not fit a {spec['model']}: {str(err).splitlines()[0]}") from None
+        model.spec = spec  # type: ignore[assignment]
+        return model
     spec_path = path.with_suffix(".json")
     spec = _read_json(spec_path)
     _check_spec(spec, spec_path)
@@ -199,13 +301,20 @@ def load_model(path: str | os.PathLike) -> nn.Module:
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A run folder resolves to its final model (``model.safetensors``, else the centre export)."""
+    """A run folder resolves to its final model (``model.safetensors`` with its spec, else the
+    centre export, .safetensors or timm folder); a timm folder (:func:`save_for_timm`) to itself."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "model.safetensors", path / "exports" / "centre.safetensors"):
-            if candidate.exists():
-                return candidate
-        raise CheckpointError(f"{path} holds no model.safetensors or exports/centre.safetensors: is it a finished run?")
+        if (path / "model.safetensors").exists() and (path / "model.json").exists():
+            return path / "model.safetensors"
+        if is_timm_folder(path):
+            return path
+        centre = path / "exports" / "centre"
+        if centre.with_suffix(".safetensors").exists():
+            return centre.with_suffix(".safetensors")
+        if is_timm_folder(centre):
+            return centre
+        raise CheckpointError(f"{path} holds no model.safetensors or exports/centre(.safetensors): is it a finished run?")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a run folder or a .safetensors model")
     if path.suffix != ".safetensors":
@@ -224,7 +333,7 @@ def subspace_spec(sub: Subspace) -> dict[str, Any]:
         shape["vertices"] = sub.num_anchors
     frozen = [k for k in range(sub.num_anchors) if not sub.anchor_trainable(k)]
     return {"shape": kind, "shape_kwargs": shape, "sampling": sub.sampling, "frozen": frozen,
-            "include": sub.include, "exclude": sub.exclude}
+            "include": sub.include, "exclude": sub.exclude, "layout": sub.layout}
 
 
 def save_subspace(sub: Subspace, path: str | os.PathLike, spec: dict[str, Any]) -> Path:
@@ -261,7 +370,7 @@ def load_subspace(path: str | os.PathLike) -> Subspace:
     cls = SHAPES[info["shape"]]
     try:
         sub = cls(model, **info.get("shape_kwargs", {}), sampling=info.get("sampling", "global"), include=info.get("include"),
-                  exclude=info.get("exclude"), init=lambda m: None)
+                  exclude=info.get("exclude"), layout=info.get("layout", "flat"), init=lambda m: None)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{spec_path}: cannot build its {info['shape']}: {str(err).splitlines()[0]}") from None
     state = _load_tensors(path)

@@ -21,6 +21,7 @@ from .data import make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
+from .subspace import layout_for
 from .training import Trainer, bn_loader, build_data_for_spec, finish_run, make_accelerator, prepare_output, results_table
 
 
@@ -50,7 +51,7 @@ def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerato
             continue
         if sub is None:
             seed = args.seed + 1000 * index + 100_003 * accelerator.process_index
-            sub = Simplex.connect([base], new_vertices=1, seed=seed)
+            sub = Simplex.connect([base], new_vertices=1, seed=seed, layout=layout_for(args.opt, args.layer_decay))
         else:
             sub.add_vertex()
         stage.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ class TrainConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    layer_decay: float | None = None
     sched: str = "cosine"
     warmup_epochs: int = 0
     min_lr: float = 0.0
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_epochs < max(self.epochs, 1) and self.warmup_epochs:
             raise ConfigError(f"TrainConfig.warmup_epochs {self.warmup_epochs} must be in [0, epochs {self.epochs})")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"TrainConfig.layer_decay must be in (0, 1] (timm uses e.g. 0.75), got {self.layer_decay}")
         choices = {"mixed_precision": ("no", "bf16", "fp16"), "beta_params": ("weights", "all"), "volume_form": ("benton", "log")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -53,9 +53,9 @@ from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .errors import CheckpointError
 from .preemption import StopSignals
-from .io import SHAPES, file_digest, save_model, save_subspace, verify_checkpoint, write_json
+from .io import SHAPES, file_digest, save_export, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
-from .subspace import Subspace
+from .subspace import Subspace, layout_for
 from .train_config import TrainConfig
 
 
@@ -155,7 +155,9 @@ def wrap_subspace(args: argparse.Namespace, model: nn.Module, rank: int = 0) -> 
         shape_kwargs["vertices"] = args.vertices if args.vertices is not None else 3
     seed = args.seed if args.same_point else args.seed + 100_003 * rank
     sampling = "layerwise" if args.layerwise else args.sampling
-    return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude, **shape_kwargs)
+    layout = layout_for(args.opt, getattr(args, "layer_decay", None))
+    return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
+                                 layout=layout, **shape_kwargs)
 
 
 def validate_train_args(args: argparse.Namespace) -> None:
@@ -391,7 +393,8 @@ class Trainer:
 
     def _setup(self) -> None:
         a, acc = self.args, self.accelerator
-        self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum)
+        self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
+                                             layer_decay=getattr(a, "layer_decay", None))
         train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
@@ -399,6 +402,10 @@ class Trainer:
         sub = self.unwrapped
         if isinstance(sub, Subspace) and getattr(a, "volume_lambda", 0) and getattr(a, "volume_form", "benton") == "benton":
             self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
+        if self.make_scheduler is not None or a.sched == "none":
+            # timm's schedulers apply layer decay's per-group lr_scale; a torch scheduler or none would not
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.make_scheduler is not None:
             self.scheduler = self.make_scheduler(self.optimizer, self.updates_per_epoch)
         elif a.sched != "none":
@@ -654,16 +661,18 @@ def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
     net = trainer.unwrapped
     results = trainer.evaluate_now(final=True)
     if acc.is_main_process:
+        export_format = getattr(trainer.args, "export_format", "both")
         if isinstance(net, Subspace):
             save_subspace(net, out / "subspace", spec)
             bn = bn_loader(trainer.data, trainer.args.batch_size)
-            save_model(net.export(bn_loader=bn, bn_batches=trainer.args.bn_batches), out / "exports" / "centre", {**spec, "point": "centre"})
+            centre = net.export(bn_loader=bn, bn_batches=trainer.args.bn_batches)
+            save_export(centre, out / "exports" / "centre", {**spec, "point": "centre"}, export_format)
             for k in range(net.num_anchors):
                 anchor = net.anchor(k)
                 update_bn(anchor, bn, max_batches=trainer.args.bn_batches)
-                save_model(anchor, out / "exports" / f"anchor{k}", {**spec, "point": f"anchor{k}"})
+                save_export(anchor, out / "exports" / f"anchor{k}", {**spec, "point": f"anchor{k}"}, export_format)
         else:
-            save_model(net, out / "model", spec)
+            save_export(net, out / "model", spec, export_format)
         write_json({"title": title, "results": results}, out / "results.json")
         Console().print(results_table(title, results))
     write_json(rank_report(trainer, results), out / "ranks" / f"rank{acc.process_index}.json")
