@@ -161,7 +161,10 @@ def one_bend_chain(t):
 
 
 # ------------------------------------------------------------------------------------ main
-def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
+def analyse(args: argparse.Namespace, argv: list[str] | None = None, plane: tuple | None = None) -> dict:
+    """Evaluate the grid, draw it and write PNG + JSON. ``plane``: an already built
+    (subspace with anchors A, THETA, B, curve coefficient function or None, labels, spec) in place
+    of :func:`load_plane` on ``args.inputs`` (analysis/complex.py passes a complex's slice)."""
     import torch
 
     from subspaces.pointwise import evaluate_points
@@ -174,7 +177,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         raise ConfigError(f"margins must be finite and >= 0, got {margins}")
     metrics = list(dict.fromkeys(args.metrics))
     timer = common.Timer()
-    sub, curve_fn, labels, spec = load_plane(list(args.inputs), args.curve)
+    sub, curve_fn, labels, spec = plane if plane is not None else load_plane(list(args.inputs), args.curve)
     default_out = Path(args.inputs[0]) / "plane.png" if len(args.inputs) == 1 else Path("plane.png")
     png, js = common.output_paths(args.output or default_out)
     device = common.device_of(args)

@@ -1,6 +1,7 @@
 """subspaces: train lines, curves and simplexes of neural networks (mode connectivity, [W], [B])."""
 
 from .bn import batchnorm_modules, update_bn
+from .complex import SimplicialComplex
 from .ensembles import Ensemble, evaluate, load_ensemble, subspace_ensemble, subspace_points
 from .pointwise import (
     at_coefficients,
@@ -18,6 +19,7 @@ from .train_config import TrainConfig
 from .training import Trainer
 
 __all__ = [
+    "SimplicialComplex",
     "layout_for",
     "Bezier",
     "Ensemble",

@@ -6,6 +6,11 @@
 - :func:`volume_penalty` with :func:`reference_log_volume`: [B]'s form,
   ``lambda / log(Vol0^2 + eps) * log(Vol^2 + eps)`` with Vol0 the volume of a simplex of freshly
   initialised networks, which puts ``lambda`` on the same scale for any network size.
+
+A subspace that lists its simplices (an attribute ``simplices``: tuples of anchor indices, as
+:class:`subspaces.complex.SimplicialComplex` has) gets each volume term summed over its
+simplices, ``sum_s log Vol_s`` and ``sum_s log(Vol_s^2 + eps)``, and the reference likewise
+``sum_s log(Vol0_s^2 + eps)``; every other subspace is one simplex of all its anchors, as before.
 """
 
 from __future__ import annotations
@@ -108,23 +113,62 @@ def _check_vertices(sub: Subspace) -> None:
         raise ValueError("a volume needs at least 2 anchors")
 
 
+def simplices_of(sub: Subspace) -> list[tuple[int, ...]] | None:
+    """The simplices a subspace lists (``sub.simplices``: tuples of anchor indices), or None for a
+    subspace that is one simplex of all its anchors. ValueError for a simplex of fewer than 2
+    vertices or an index outside 0..K-1."""
+    listed = getattr(sub, "simplices", None)
+    if listed is None:
+        return None
+    out = [tuple(int(k) for k in simplex) for simplex in listed]
+    for simplex in out:
+        if len(simplex) < 2:
+            raise ValueError(f"simplex {simplex} has fewer than 2 vertices: a volume needs at least 2")
+        if not all(0 <= k < sub.num_anchors for k in simplex):
+            raise ValueError(f"simplex {simplex} names an anchor outside 0..{sub.num_anchors - 1}")
+    if not out:
+        raise ValueError("the subspace lists no simplex: a volume needs at least one")
+    return out
+
+
+def _per_simplex(dist2: Tensor, simplices: list[tuple[int, ...]]) -> list[Tensor]:
+    """Squared edge lengths of each simplex: D[idx][:, idx] for each vertex tuple idx."""
+    out = []
+    for simplex in simplices:
+        idx = torch.tensor(simplex, device=dist2.device)
+        out.append(dist2.index_select(0, idx).index_select(1, idx))
+    return out
+
+
 def log_volume(sub: Subspace) -> Tensor:
     """log of the volume of the simplex spanned by the anchors (differentiable, float64).
 
     Distances come from the centred Gram, exact also for a small simplex far from the origin.
-    Subtract ``lambda * log_volume(sub)`` from the loss to grow the simplex.
+    Subtract ``lambda * log_volume(sub)`` from the loss to grow the simplex. A subspace listing
+    its simplices (``sub.simplices``) gets sum_s log Vol_s over them.
     """
     _check_vertices(sub)
-    return log_volume_from_distances(squared_distances(sub.gram(centred=True)))
+    dist2 = squared_distances(sub.gram(centred=True))
+    simplices = simplices_of(sub)
+    if simplices is None:
+        return log_volume_from_distances(dist2)
+    terms = [log_volume_from_distances(d) for d in _per_simplex(dist2, simplices)]
+    return sum(terms[1:], terms[0])
 
 
 def volume_penalty(sub: Subspace, eps: float = VOLUME_EPS) -> Tensor:
     """[B]'s volume term log(Vol^2 + eps) of the simplex of the anchors (differentiable, float64).
 
-    [B] subtract ``lambda / reference_log_volume(...) * volume_penalty(sub)`` from the loss.
+    [B] subtract ``lambda / reference_log_volume(...) * volume_penalty(sub)`` from the loss. A
+    subspace listing its simplices (``sub.simplices``) gets sum_s log(Vol_s^2 + eps) over them.
     """
     _check_vertices(sub)
-    return torch.log(volume_squared_from_distances(squared_distances(sub.gram(centred=True))).clamp_min(0) + eps)
+    dist2 = squared_distances(sub.gram(centred=True))
+    simplices = simplices_of(sub)
+    if simplices is None:
+        return torch.log(volume_squared_from_distances(dist2).clamp_min(0) + eps)
+    terms = [torch.log(volume_squared_from_distances(d).clamp_min(0) + eps) for d in _per_simplex(dist2, simplices)]
+    return sum(terms[1:], terms[0])
 
 
 @torch.no_grad()
@@ -137,7 +181,8 @@ def reference_log_volume(
     """log(Vol0^2 + eps) of a simplex of K freshly initialised copies of the network: [B]'s
     normaliser of lambda. The copies are drawn with ``init`` (the model's own initialisation)
     from a generator seeded with ``seed``, so a resumed run gets the same value; the global
-    random state is left as it was. Over the subspace parameters, K of them at a time."""
+    random state is left as it was. Over the subspace parameters, K of them at a time. A subspace
+    listing its simplices gets sum_s log(Vol0_s^2 + eps), the normaliser of the summed penalty."""
     _check_vertices(sub)
     K = sub.num_anchors
     names = set(sub.subspace_parameter_names())
@@ -154,8 +199,14 @@ def reference_log_volume(
         x = torch.stack([c[name].detach().reshape(-1).double() for c in copies])
         x = x - x.mean(0, keepdim=True)
         gram += x @ x.T
-    vol2 = float(volume_squared_from_distances(squared_distances(gram)))
-    value = math.log(max(vol2, 0.0) + eps)
+    simplices = simplices_of(sub)
+    if simplices is None:
+        vol2 = float(volume_squared_from_distances(squared_distances(gram)))
+        value = math.log(max(vol2, 0.0) + eps)
+    else:
+        vols2 = [float(volume_squared_from_distances(d)) for d in _per_simplex(squared_distances(gram), simplices)]
+        vol2 = min(vols2)
+        value = sum(math.log(max(v, 0.0) + eps) for v in vols2)
     if value <= 0:
         raise ValueError(
             f"the reference simplex of freshly initialised networks has Vol^2 = {vol2:.3g}, so log(Vol^2 + {eps:g}) <= 0 "
