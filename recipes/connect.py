@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="t sampling (default: uniform per forward)")
     g.add_argument("--same-point", action="store_true", help="under DDP, the same t on every rank")
     config.add_data_args(p)
-    config.add_optim_args(p, lr=0.015, epochs=20, sched="garipov", wd=5e-4)
+    config.add_optim_args(p, lr=0.015, epochs=20, sched="garipov", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G] fitted curves")
     config.add_run_args(p, output="runs/connect")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
     p.set_defaults(dataset=None)

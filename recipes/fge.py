@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", nargs="?", default=None, help="trained network: a run folder of recipes/train.py, or a .safetensors export")
     add_snapshot_args(p, "fge")
     config.add_data_args(p)
-    config.add_optim_args(p, lr=0.05, epochs=4, sched="none", wd=5e-4)
+    config.add_optim_args(p, lr=0.05, epochs=4, sched="none", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G]'s FGE")
     config.add_run_args(p, output="runs/fge")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
     p.set_defaults(dataset=None)

@@ -43,10 +43,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-batches", type=int, default=20, help="batches used to recompute BatchNorm at each evaluated point")
 
 
-def add_optim_args(p: argparse.ArgumentParser, *, lr: float = 0.05, epochs: int = 10, sched: str = "cosine", warmup: int = 0, wd: float = 5e-4) -> None:
+def add_optim_args(p: argparse.ArgumentParser, *, lr: float = 0.05, epochs: int = 10, sched: str = "cosine", warmup: int = 0, wd: float = 5e-4,
+                   opt: str = "sgd", opt_why: str = "") -> None:
     g = p.add_argument_group("optimisation (timm names)")
     g.add_argument("-b", "--batch-size", type=int, default=128, help="batch size per process (default: %(default)s)")
-    g.add_argument("--opt", default="sgd", help="timm optimiser name (default: %(default)s)")
+    g.add_argument("--opt", default=opt, help=f"timm optimiser name: sgd (Nesterov), momentum (plain momentum SGD), adamw, lamb, ... (default: %(default)s{opt_why})")
     g.add_argument("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=wd, help="weight decay (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")

@@ -3,6 +3,11 @@ layer-decay rules through ``create_optimizer_v2`` / ``Subspace.param_groups``, a
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -185,3 +190,14 @@ def test_layer_decay_without_group_matcher_follows_timms_fallback():
     for name, origin in sub.parameter_origins().items():
         assert _scales(opt)[id(params[name])] == plain_scale[origin[0]], name
     assert len(set(plain_scale.values())) == 5   # 38 trunk tensors in 4 layers, and the head
+
+
+def test_connect_and_fge_default_to_plain_momentum_sgd():
+    # [G] fitted curves and ran FGE with torch's SGD(momentum=0.9), not Nesterov (timm's "sgd")
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for recipe, expected in (("connect.py", "momentum"), ("fge.py", "momentum"), ("train.py", "sgd")):
+        text = " ".join(subprocess.run([sys.executable, str(recipes / recipe), "--help"], capture_output=True, text=True).stdout.split())
+        assert re.search(r"--opt OPT timm optimiser name: .*?\(default: (\w+)", text).group(1) == expected, recipe
+    net = timm.create_model("test_resnet", num_classes=3)
+    assert create_optimizer_v2(net, "momentum", lr=0.1, momentum=0.9).param_groups[0]["nesterov"] is False
+    assert create_optimizer_v2(net, "sgd", lr=0.1, momentum=0.9).param_groups[0]["nesterov"] is True
