@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .config import parse_with_config, read_config
+from .config import RESOLVED_KEY, parse_with_config, read_config
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
 
 #: exit status of a run stopped by SIGTERM / SIGINT that can be resumed (sysexits' EX_TEMPFAIL)
@@ -47,6 +47,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
                 raise ValueError("it does not hold a mapping of flag names to values")
         except (OSError, ValueError, yaml.YAMLError) as err:
             p.exit(2, f"{p.prog}: error: --resume {args.resume}: cannot read {cfg}: {one_line(err)}\n")
+        saved.pop(RESOLVED_KEY, None)
         foreign = sorted(key for key in saved if not hasattr(args, key))
         if foreign:
             p.exit(2, f"{p.prog}: error: --resume {args.resume}: {cfg} has keys this recipe does not know "

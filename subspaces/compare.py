@@ -51,13 +51,13 @@ from .claims import check_claims, render_claims
 from .compare_plan import JOB_KEYS, METHODS, OFFSETS, SEED_STRIDE, Plan, accounting, make_plan, protocol_of
 from .compare_report import ROW_ORDER, aggregate, render_csv, render_markdown, rich_table, row_rank
 from .compare_run import Runner, Task, default_jobs, log, run_members, train_seconds
-from .config import save_config
 from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate, subspace_points
 from .errors import ConfigError
 from .io import load_model, load_subspace, write_json
 from .snapshots import list_snapshots, swa_average
-from .training import build_data_and_model, make_accelerator, prepare_output
+from .run_folder import describe_input, prepare_run, write_run_config
+from .training import build_data_and_model
 
 __all__ = [
     "JOB_KEYS", "METHODS", "OFFSETS", "ROW_ORDER", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting", "add_compare_args",
@@ -183,8 +183,6 @@ def check_protocol(out: Path, protocol: dict[str, Any]) -> None:
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/compare.py``: plan, train or reuse every member, evaluate, write results."""
     t_start = time.perf_counter()
-    if args.resume:
-        args.output = args.resume
     if args.stop_after_runs is not None and args.stop_after_runs < 0:
         raise ConfigError(f"--stop-after-runs must be >= 0, got {args.stop_after_runs}")
     if args.eval_batch_size < 1:
@@ -193,74 +191,75 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--threads (torch threads per member) must be >= 1, got {args.threads}")
     if args.jobs < 0:
         raise ConfigError(f"--jobs must be >= 0 (0: as many as the cores allow at --threads each), got {args.jobs}")
-    acc = make_accelerator(args)
-    world = acc.num_processes
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    jobs = args.jobs or default_jobs(args.threads, local)
-    torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
-    data, _, spec = build_data_and_model(args)
-    plan = make_plan(args, len(data.train))
-    out = prepare_output(args)
-    if acc.is_main_process:
-        check_protocol(out, protocol_of(args))
-        save_config(args, str(out / "config.yaml"))
-        shutil.rmtree(out / ".claims", ignore_errors=True)   # claims of an earlier, stopped job
-    acc.wait_for_everyone()
-    lines = accounting(plan, args)
-    if acc.is_main_process:
-        for ln in lines:
-            log(ln)
-    in_process = world == 1 and jobs == 1
-    log(f"rank {acc.process_index} of {world}: {'members one after the other in this process' if in_process else f'{jobs} member(s) at a time in worker processes'}, "
-        f"{args.threads} thread(s) each")
-    seeds = [args.seed + SEED_STRIDE * r for r in range(args.seeds)]
-    runners = []
-    for r, seed in enumerate(seeds):
-        root = out / f"seed{r}"
-        root.mkdir(parents=True, exist_ok=True)
-        runners.append(Runner(args, plan, data, spec, root, seed))
-    tasks = [t for r, runner in enumerate(runners) for t in runner.tasks(r)]
-    finished, _ = run_members(runners, tasks, out, jobs, in_process, limit=args.stop_after_runs)
-    if not finished:
-        log(f"stopped after {args.stop_after_runs} member runs (--stop-after-runs); run the same command again to continue")
-        return {"finished": False}
-    if not acc.is_main_process:   # the main process evaluates; the others are done
-        return {"finished": True}
-    per_seed: list[dict[str, Any]] = []
-    for runner in runners:
-        cache = runner.root / "evaluation.json"
-        key = _fingerprint(runner.root, protocol_of(args))
-        cached = json.loads(cache.read_text()) if cache.exists() else None
-        if cached and cached.get("fingerprint") == key:
-            log(f"{runner.root}: evaluation reused from {cache}")
-            rep = cached["evaluation"]
-        else:
-            rep = evaluate_replicate(args, plan, data, runner.root)
-            write_json({"fingerprint": key, "evaluation": rep}, cache)
-        per_seed.append(rep)
-    table = aggregate(per_seed, plan.budgets)
-    claims = check_claims([rep["rows"] for rep in per_seed], plan.budgets)
-    claim_lines = render_claims(claims)
-    wall = time.perf_counter() - t_start
-    title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"
-    train_total = sum(sum(rep["train_seconds"].values()) for rep in per_seed)
-    footer = [f"Wall time of this job: {wall:.0f} s ({world} process(es), {jobs} member(s) at a time each, {args.threads} thread(s) per member); "
-              f"training time of all members (summed epochs, incl. earlier jobs): {train_total:.0f} s.",
-              "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
-                                                        for r, rep in enumerate(per_seed))]
-    (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines))
-    (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
-    write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "accounting": lines,
-                "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "wall_seconds": wall,
-                "processes": world, "jobs": jobs, "threads": args.threads}, out / "results.json")
-    console = Console()
-    if not console.is_terminal:   # a log file: wide enough for the row names
-        console = Console(width=160)
-    console.print(rich_table(title, table, plan.budgets, len(seeds)))
-    for ln in claim_lines:
-        console.print(ln.replace("**", ""), markup=False)
-    log(f"wrote {out / 'results.md'}, results.json, results.csv; wall time {wall:.0f} s")
-    return {"finished": True, "table": table, "claims": claims}
+    with prepare_run(args) as run:
+        acc, out = run.accelerator, run.out
+        world = acc.num_processes
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        jobs = args.jobs or default_jobs(args.threads, local)
+        torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
+        data, _, spec = build_data_and_model(args)
+        acc.print(describe_input(spec))
+        plan = make_plan(args, len(data.train))
+        if acc.is_main_process:
+            check_protocol(out, protocol_of(args))
+            write_run_config(args, out, spec)
+            shutil.rmtree(out / ".claims", ignore_errors=True)   # claims of an earlier, stopped job
+        acc.wait_for_everyone()
+        lines = accounting(plan, args)
+        if acc.is_main_process:
+            for ln in lines:
+                log(ln)
+        in_process = world == 1 and jobs == 1
+        log(f"rank {acc.process_index} of {world}: {'members one after the other in this process' if in_process else f'{jobs} member(s) at a time in worker processes'}, "
+            f"{args.threads} thread(s) each")
+        seeds = [args.seed + SEED_STRIDE * r for r in range(args.seeds)]
+        runners = []
+        for r, seed in enumerate(seeds):
+            root = out / f"seed{r}"
+            root.mkdir(parents=True, exist_ok=True)
+            runners.append(Runner(args, plan, data, spec, root, seed))
+        tasks = [t for r, runner in enumerate(runners) for t in runner.tasks(r)]
+        finished, _ = run_members(runners, tasks, out, jobs, in_process, limit=args.stop_after_runs)
+        if not finished:
+            log(f"stopped after {args.stop_after_runs} member runs (--stop-after-runs); run the same command again to continue")
+            return {"finished": False}
+        if not acc.is_main_process:   # the main process evaluates; the others are done
+            return {"finished": True}
+        per_seed: list[dict[str, Any]] = []
+        for runner in runners:
+            cache = runner.root / "evaluation.json"
+            key = _fingerprint(runner.root, protocol_of(args))
+            cached = json.loads(cache.read_text()) if cache.exists() else None
+            if cached and cached.get("fingerprint") == key:
+                log(f"{runner.root}: evaluation reused from {cache}")
+                rep = cached["evaluation"]
+            else:
+                rep = evaluate_replicate(args, plan, data, runner.root)
+                write_json({"fingerprint": key, "evaluation": rep}, cache)
+            per_seed.append(rep)
+        table = aggregate(per_seed, plan.budgets)
+        claims = check_claims([rep["rows"] for rep in per_seed], plan.budgets)
+        claim_lines = render_claims(claims)
+        wall = time.perf_counter() - t_start
+        title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"
+        train_total = sum(sum(rep["train_seconds"].values()) for rep in per_seed)
+        footer = [f"Wall time of this job: {wall:.0f} s ({world} process(es), {jobs} member(s) at a time each, {args.threads} thread(s) per member); "
+                  f"training time of all members (summed epochs, incl. earlier jobs): {train_total:.0f} s.",
+                  "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
+                                                            for r, rep in enumerate(per_seed))]
+        (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines))
+        (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
+        write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "accounting": lines,
+                    "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "wall_seconds": wall,
+                    "processes": world, "jobs": jobs, "threads": args.threads}, out / "results.json")
+        console = Console()
+        if not console.is_terminal:   # a log file: wide enough for the row names
+            console = Console(width=160)
+        console.print(rich_table(title, table, plan.budgets, len(seeds)))
+        for ln in claim_lines:
+            console.print(ln.replace("**", ""), markup=False)
+        log(f"wrote {out / 'results.md'}, results.json, results.csv; wall time {wall:.0f} s")
+        return {"finished": True, "table": table, "claims": claims}
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:

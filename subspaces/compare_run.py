@@ -29,11 +29,12 @@ from accelerate.utils import set_seed
 from .compare_plan import OFFSETS, Plan
 from .config import save_config
 from .data import DataBundle
-from .errors import ConfigError, MemberFailed, NonFiniteLossError
+from .errors import ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .io import load_model, save_model, write_json
 from .snapshots import is_finished, train_snapshots
 from .spro import grow_simplex
-from .training import Trainer, create_timm_model, finish_run, make_accelerator, save_checkpoint, wrap_subspace
+from .run_folder import make_accelerator
+from .training import Trainer, create_timm_model, finish_run, save_checkpoint, wrap_subspace
 
 #: environment variables of a distributed launch: a member's worker process must not see them,
 #: or accelerate would join it to the launcher's process group
@@ -97,7 +98,7 @@ class Runner:
         folder = self.root / name
         margs = _member_args(self.args, folder, seed, epochs, subspace, **extra)
         folder.mkdir(parents=True, exist_ok=True)
-        acc = make_accelerator(margs)
+        acc = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
         model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
         net = wrap_subspace(margs, model, rank=acc.process_index)
@@ -140,7 +141,7 @@ class Runner:
         seed = self.seed + OFFSETS[method]
         epochs = p.fge_epochs if method == "fge" else p.sse_epochs
         margs = _member_args(a, folder, seed, epochs)
-        acc = make_accelerator(margs)
+        acc = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
         resume = _has_checkpoint(folder)
         if method == "fge":
@@ -165,7 +166,7 @@ class Runner:
                              samples_per_step=p.spro_samples_per_step)
         folder.mkdir(parents=True, exist_ok=True)
         log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
-        grow_simplex(margs, str(self.root / f"ind{j}" / "model.safetensors"), folder, make_accelerator(margs), j)
+        grow_simplex(margs, str(self.root / f"ind{j}" / "model.safetensors"), folder, make_accelerator(margs, project_dir=folder), j)
 
     def tasks(self, replicate: int) -> list[Task]:
         """The members of this replicate in the order they start, each after the members it starts from."""
@@ -314,6 +315,16 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
                     running[t] = _start_worker(runners[t.replicate], t, claims)
                     trained += 1
             time.sleep(poll)
+    except KeyboardInterrupt:   # SIGTERM or SIGINT: each worker checkpoints its member and stops
+        statuses = []
+        for t, (proc, fh, _, _) in list(running.items()):
+            proc.terminate()
+            statuses.append(f"seed{t.replicate}/{t.name} exit {proc.wait()}")
+            fh.close()
+            del running[t]
+        stopped = f"; members stopped: {', '.join(statuses)}" if statuses else ""
+        raise Preempted(f"compare interrupted after {trained} member run(s) started{stopped}; "
+                        "run the same command again (or with --resume OUT) to continue") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
 from safetensors import SafetensorError
@@ -52,7 +51,8 @@ from .io import atomic_path, create_model, file_digest, load_model, write_json
 from .pointwise import evaluate_points
 from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
-from .training import Trainer, bn_loader, build_data_for_spec, make_accelerator, prepare_output
+from .run_folder import prepare_run
+from .training import Trainer, bn_loader, build_data_for_spec
 
 #: coordinates below this count as zero when deciding which simplex holds a point
 SUPPORT_TOL = 1e-6
@@ -195,19 +195,8 @@ class SimplicialComplex(Subspace):
 
         Rebuild the optimiser afterwards: the new vertex's Parameters are new tensors.
         """
-        for k in range(self.num_anchors):
-            self.freeze_anchor(k)
-        new = nn.ParameterDict()
-        for g in self._groups:
-            total = self.anchors[0][g.name].detach().clone()
-            for k in range(1, self.num_anchors):
-                total.add_(self.anchors[k][g.name])
-            new[g.name] = nn.Parameter(total.div_(self.num_anchors))
-        self.anchors.append(new)
-        self.num_anchors += 1
         self.shared += 1
-        self._fixed = None
-        return self.num_anchors - 1
+        return self.append_centroid_anchor()
 
     def extra_repr(self) -> str:
         return f"modes={self.modes}, shared={self.shared}, " + super().extra_repr()
@@ -404,8 +393,6 @@ def train_shared_vertices(args: argparse.Namespace, modes: Sequence[nn.Module], 
 def run_complex(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of recipes/complex.py: train the shared vertices (resumable per vertex), then
     evaluate the complex and write ``results.json`` (and ``complex.safetensors``) to ``--output``."""
-    if args.resume:
-        args.output = args.resume
     validate_complex_args(args)
     started = time.perf_counter()
     modes = [load_model(p) for p in args.checkpoints]
@@ -413,39 +400,37 @@ def run_complex(args: argparse.Namespace) -> dict[str, Any]:
         check_same_architecture(modes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    out = prepare_output(args)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        save_config(args, str(out / "config.yaml"))
-    spec = dict(modes[0].spec)
-    data = build_data_for_spec(args, spec, modes[0])
-    sub = train_shared_vertices(args, modes, data, spec, accelerator, out)
-    if not accelerator.is_main_process:
+    with prepare_run(args) as run:
+        out, accelerator = run.out, run.accelerator
+        run.record(dict(modes[0].spec))
+        spec = dict(modes[0].spec)
+        data = build_data_for_spec(args, spec, modes[0])
+        sub = train_shared_vertices(args, modes, data, spec, accelerator, out)
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return {"finished": True}
+        trained = time.perf_counter()
+        eval_loader = make_loader(data.eval, args.batch_size, shuffle=False)
+        results = evaluate_complex(sub, eval_loader, bn_loader(data, args.batch_size), samples=args.samples,
+                                   members=args.ensemble_members, seed=args.seed, bn_batches=args.bn_batches)
+        evaluated = time.perf_counter()
+        save_complex(sub, out / "complex", spec)
+        base = mode_epochs(args.checkpoints, args.mode_epochs)
+        stage_seconds = {f"shared{v}": round(_train_seconds(out / f"shared{v}"), 1) for v in range(args.shared)}
+        report = {
+            "title": "simplicial complex [B]", "modes": list(args.checkpoints), "simplex_vertices": [list(s) for s in sub.simplices],
+            "shared": args.shared, "epochs_per_shared_vertex": args.epochs, "samples_per_step": args.samples_per_step,
+            "volume_lambda": args.volume_lambda, "volume_form": args.volume_form, "samples_per_simplex": args.samples,
+            "ensemble_members": args.ensemble_members, "bn_batches": args.bn_batches,
+            "cost": complex_cost(sub.modes, args.shared, args.epochs, args.samples_per_step, base),
+            "seconds": {"train_per_shared_vertex": stage_seconds, "train": round(sum(stage_seconds.values()), 1),
+                        "evaluate": round(evaluated - trained, 1), "this_process": round(time.perf_counter() - started, 1)},
+            **results,
+        }
+        write_json(report, out / "results.json")
+        print_report(report)
         accelerator.wait_for_everyone()
-        return {"finished": True}
-    trained = time.perf_counter()
-    eval_loader = make_loader(data.eval, args.batch_size, shuffle=False)
-    results = evaluate_complex(sub, eval_loader, bn_loader(data, args.batch_size), samples=args.samples,
-                               members=args.ensemble_members, seed=args.seed, bn_batches=args.bn_batches)
-    evaluated = time.perf_counter()
-    save_complex(sub, out / "complex", spec)
-    base = mode_epochs(args.checkpoints, args.mode_epochs)
-    stage_seconds = {f"shared{v}": round(_train_seconds(out / f"shared{v}"), 1) for v in range(args.shared)}
-    report = {
-        "title": "simplicial complex [B]", "modes": list(args.checkpoints), "simplex_vertices": [list(s) for s in sub.simplices],
-        "shared": args.shared, "epochs_per_shared_vertex": args.epochs, "samples_per_step": args.samples_per_step,
-        "volume_lambda": args.volume_lambda, "volume_form": args.volume_form, "samples_per_simplex": args.samples,
-        "ensemble_members": args.ensemble_members, "bn_batches": args.bn_batches,
-        "cost": complex_cost(sub.modes, args.shared, args.epochs, args.samples_per_step, base),
-        "seconds": {"train_per_shared_vertex": stage_seconds, "train": round(sum(stage_seconds.values()), 1),
-                    "evaluate": round(evaluated - trained, 1), "this_process": round(time.perf_counter() - started, 1)},
-        **results,
-    }
-    write_json(report, out / "results.json")
-    print_report(report)
-    accelerator.wait_for_everyone()
-    return {"finished": True, "results": report}
+        return {"finished": True, "results": report}
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -63,7 +63,8 @@ def add_optim_args(p: argparse.ArgumentParser, *, lr: float = 0.05, epochs: int 
 def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g = p.add_argument_group("run")
     g.add_argument("-c", "--config", default=None, help="YAML file with the same keys as these flags")
-    g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="accelerate mixed precision (default: %(default)s)")
+    g.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="accelerate mixed precision; fp16 needs a GPU (default: the launcher's, from accelerate launch / accelerate config, else no)")
     g.add_argument("--grad-accum-steps", type=int, default=1, help="gradient accumulation steps (default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--output", default=output, help="run directory (default: %(default)s)")
@@ -71,6 +72,9 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--log-interval", type=int, default=50, help="steps between plain-text progress lines when not on a terminal")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (always after the last)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    g.add_argument("--log-with", default=None,
+                   help="accelerate trackers for the metrics: tensorboard, wandb, mlflow, comet_ml, aim, ... or all; "
+                        "files under OUTPUT/trackers (default: metrics.jsonl only)")
     g.add_argument("--export-format", default="both", choices=["both", "timm", "safetensors"],
                    help="trained networks as timm folders (timm.create_model('local-dir:PATH', pretrained=True)), "
                         "safetensors + JSON spec (subspaces.io.load_model), or both (default: %(default)s)")
@@ -162,12 +166,18 @@ def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
+        if dest == RESOLVED_KEY:   # a run's config.yaml used as -c: what it resolved is not a flag
+            continue
         if dest not in valid:
             close = difflib.get_close_matches(dest, sorted(valid), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"config file {path}: unknown key '{key}'{hint}")
         out[dest] = value
     return out
+
+
+#: the key of a run's config.yaml that holds what it resolved (input size, channels, mean/std): not a flag
+RESOLVED_KEY = "resolved"
 
 
 def save_config(args: argparse.Namespace | dict[str, Any], path: str) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from accelerate.utils import set_seed
 
-from .config import ConfigError, save_config, validate_common_args
+from .config import ConfigError, validate_common_args
 from .io import load_model
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
-from .training import Trainer, build_data_for_spec, finish_run, make_accelerator, prepare_output
+from .run_folder import prepare_run
+from .training import Trainer, build_data_for_spec, finish_run
 
 
 def validate_connect_args(args: argparse.Namespace) -> None:
@@ -32,8 +32,6 @@ def validate_connect_args(args: argparse.Namespace) -> None:
 
 def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     """Load both ends, build the curve, train its interior anchors, evaluate and export."""
-    if args.resume:
-        args.output = args.resume
     validate_connect_args(args)
     model_a, model_b = load_model(args.model_a), load_model(args.model_b)
     try:
@@ -41,28 +39,25 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as err:
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
     spec = dict(model_a.spec)
-    out = prepare_output(args)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    data = build_data_for_spec(args, spec, model_a)
-    seed = args.seed if args.same_point else args.seed + 100_003 * accelerator.process_index
-    layout = layout_for(args.opt, args.layer_decay)
-    if args.curve == "bezier":
-        curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed, layout=layout)
-    else:
-        curve = PolyChain.connect(model_a, model_b, bends=args.bends if args.bends is not None else 1, sampling=args.sampling,
-                                  seed=seed, layout=layout)
-    if accelerator.is_main_process:
-        save_config(args, str(out / "config.yaml"))
-    make_scheduler = None
-    if args.sched == "garipov":
-        make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs)  # noqa: E731
-    elif args.sched == "garipov-epoch":
-        make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs, per_epoch)  # noqa: E731
-    trainer = Trainer(args, curve, data, spec, accelerator, out, make_scheduler=make_scheduler)
-    status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
-    if not status["finished"]:
-        accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {out}")
-        return {"finished": False}
-    title = f"{args.curve} between {args.model_a} and {args.model_b}"
-    return {"finished": True, "results": finish_run(trainer, title)}
+    with prepare_run(args) as run:
+        data = build_data_for_spec(args, spec, model_a)
+        seed = args.seed if args.same_point else args.seed + 100_003 * run.accelerator.process_index
+        layout = layout_for(args.opt, args.layer_decay)
+        if args.curve == "bezier":
+            curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed, layout=layout)
+        else:
+            curve = PolyChain.connect(model_a, model_b, bends=args.bends if args.bends is not None else 1, sampling=args.sampling,
+                                      seed=seed, layout=layout)
+        run.record(spec)
+        make_scheduler = None
+        if args.sched == "garipov":
+            make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs)  # noqa: E731
+        elif args.sched == "garipov-epoch":
+            make_scheduler = lambda opt, per_epoch: garipov_schedule(opt, per_epoch * args.epochs, per_epoch)  # noqa: E731
+        trainer = Trainer(args, curve, data, spec, run.accelerator, run.out, make_scheduler=make_scheduler)
+        status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
+        if not status["finished"]:
+            run.accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
+            return {"finished": False}
+        title = f"{args.curve} between {args.model_a} and {args.model_b}"
+        return {"finished": True, "results": finish_run(trainer, title)}

@@ -415,8 +415,9 @@ def _split_indices(n: int, *, subset: int | None, holdout: int, seed: int, what:
     if available < 1:
         raise ValueError(f"holdout={holdout} leaves no {what.split('_')[0]} examples (dataset has {n})")
     if subset is not None and int(subset) > available:
-        raise ValueError(f"{what}={subset} exceeds the {available} examples available "
-                         f"(dataset has {n}, holdout={holdout})")
+        flag = "--" + what.replace("_", "-")
+        raise ValueError(f"{flag} {subset} exceeds the {available} examples available "
+                         f"(the split has {n}, --holdout {holdout}): use {flag} <= {available}")
     if subset is None and holdout == 0:
         return None, None
     gen = torch.Generator().manual_seed(int(seed))

@@ -213,15 +213,4 @@ class Simplex(Subspace):
 
         Rebuild the optimiser afterwards: the new vertex's Parameters are new tensors.
         """
-        for k in range(self.num_anchors):
-            self.freeze_anchor(k)
-        new = nn.ParameterDict()
-        for g in self._groups:
-            total = self.anchors[0][g.name].detach().clone()
-            for k in range(1, self.num_anchors):
-                total.add_(self.anchors[k][g.name])
-            new[g.name] = nn.Parameter(total.div_(self.num_anchors))
-        self.anchors.append(new)
-        self.num_anchors += 1
-        self._fixed = None
-        return self.num_anchors - 1
+        return self.append_centroid_anchor()

@@ -34,12 +34,13 @@ import torch
 from torch import nn
 
 from .bn import update_bn
-from .config import ConfigError, save_config
+from .config import ConfigError
 from .data import DataBundle, make_loader
 from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
 from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
-from .training import Trainer, build_data_and_model, build_data_for_spec, make_accelerator, prepare_output, results_table
+from .run_folder import describe_input, make_accelerator, prepare_run, write_run_config
+from .training import Trainer, build_data_and_model, build_data_for_spec, results_table
 
 METHODS = ("fge", "sse")
 SNAPSHOT_DIR = "snapshots"
@@ -260,7 +261,7 @@ def train_snapshots(
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    acc = accelerator or make_accelerator(args)
+    acc = accelerator or make_accelerator(args, project_dir=out)
     schedule = make_schedule(method, cycle, lr_max, lr_min)
     loaded = {"optimizer": "SSE starts from scratch: fresh optimiser"} if method == "sse" else {}
 
@@ -278,7 +279,7 @@ def train_snapshots(
     meta = {"method": method, "cycle": cycle, "lr_max": lr_max, "lr_min": lr_min, **(info or {})}
     saver = SnapshotSaver(snapshot_rule(method, cycle), out / SNAPSHOT_DIR, spec, bn_loader, args.bn_batches, {"snapshot_of": meta})
     if acc.is_main_process:
-        save_config(args, str(out / "config.yaml"))
+        write_run_config(args, out, spec)
     trainer = Trainer(args, model, data, spec, acc, out, make_scheduler=make_scheduler, on_update=saver)
     status = trainer.fit(resume=resume, train_epochs=train_epochs)
     snaps = list_snapshots(out)
@@ -322,64 +323,56 @@ def _evaluate_snapshots(method: str, args: argparse.Namespace, out: Path, data: 
 def run_fge(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/fge.py``: load the trained network and its optimiser state, run the
     cyclical schedule, save snapshots, evaluate the ensemble and SWA."""
-    from accelerate.utils import set_seed
-
-    if args.resume:
-        args.output = args.resume
     _validate_common(args)
     if not args.lr_max > args.lr_min >= 0:
         raise ConfigError(f"FGE needs --lr-max > --lr-min >= 0 (alpha1 > alpha2), got {args.lr_max} and {args.lr_min}")
     model_path, opt_path = find_pretrained(args.checkpoint)
     start = load_model(model_path)
     spec = {k: v for k, v in start.spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
-    data = build_data_for_spec(args, spec, start)
-    accelerator = make_accelerator(args)
-    upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
-    cycle = cycle_iterations("fge", upe, args.cycle, args.cycle_iters)
-    validate_cycle("fge", cycle, args.epochs * upe)
-    out = prepare_output(args)
-    set_seed(args.seed)
-    model = copy.deepcopy(start)
-    accelerator.print(f"FGE from {model_path}: {args.epochs} epochs x {upe} iterations, cycle {cycle} iterations "
-                      f"(lr {args.lr_max:g} -> {args.lr_min:g} -> {args.lr_max:g}), snapshots at mod(i, {cycle}) = {cycle // 2}")
-    res = train_snapshots("fge", args, model, data, spec, out, cycle=cycle, lr_max=args.lr_max, lr_min=args.lr_min,
-                          optimizer_state=opt_path, accelerator=accelerator, info={"start": str(model_path)},
-                          train_epochs=args.stop_after_epochs)
-    if not res["finished"]:
-        accelerator.print(f"stopped after epoch {res['trainer'].history[-1]['epoch'] if res['trainer'].history else 0}; continue with --resume {out}")
-        return {"finished": False}
-    if not accelerator.is_main_process:
-        return {"finished": True}
-    return {"finished": True, "results": _evaluate_snapshots("fge", args, out, data, spec, start, f"FGE from {args.checkpoint}")}
+    with prepare_run(args) as run:
+        accelerator, out = run.accelerator, run.out
+        data = build_data_for_spec(args, spec, start)
+        upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
+        cycle = cycle_iterations("fge", upe, args.cycle, args.cycle_iters)
+        validate_cycle("fge", cycle, args.epochs * upe)
+        accelerator.print(describe_input(spec))
+        model = copy.deepcopy(start)
+        accelerator.print(f"FGE from {model_path}: {args.epochs} epochs x {upe} iterations, cycle {cycle} iterations "
+                          f"(lr {args.lr_max:g} -> {args.lr_min:g} -> {args.lr_max:g}), snapshots at mod(i, {cycle}) = {cycle // 2}")
+        res = train_snapshots("fge", args, model, data, spec, out, cycle=cycle, lr_max=args.lr_max, lr_min=args.lr_min,
+                              optimizer_state=opt_path, accelerator=accelerator, info={"start": str(model_path)},
+                              train_epochs=args.stop_after_epochs)
+        if not res["finished"]:
+            accelerator.print(f"stopped after epoch {res['trainer'].history[-1]['epoch'] if res['trainer'].history else 0}; continue with --resume {out}")
+            return {"finished": False}
+        if not accelerator.is_main_process:
+            return {"finished": True}
+        return {"finished": True, "results": _evaluate_snapshots("fge", args, out, data, spec, start, f"FGE from {args.checkpoint}")}
 
 
 def run_sse(args: argparse.Namespace) -> dict[str, Any]:
     """The whole of ``recipes/sse.py``: a network from scratch with cosine restarts, a snapshot per cycle."""
-    from accelerate.utils import set_seed
-
-    if args.resume:
-        args.output = args.resume
     _validate_common(args)
     lr_max = args.lr_max if args.lr_max is not None else args.lr
     if lr_max <= 0:
         raise ConfigError(f"--lr-max must be > 0, got {lr_max}")
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    data, model, spec = build_data_and_model(args)
-    upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
-    cycle = cycle_iterations("sse", upe, args.cycle, args.cycle_iters)
-    validate_cycle("sse", cycle, args.epochs * upe)
-    out = prepare_output(args)
-    accelerator.print(f"SSE: {args.epochs} epochs x {upe} iterations, cosine from {lr_max:g} restarted every {cycle} iterations, "
-                      f"{args.epochs * upe // cycle} snapshots")
-    res = train_snapshots("sse", args, model, data, spec, out, cycle=cycle, lr_max=lr_max, accelerator=accelerator,
-                          train_epochs=args.stop_after_epochs)
-    if not res["finished"]:
-        accelerator.print(f"stopped; continue with --resume {out}")
-        return {"finished": False}
-    if not accelerator.is_main_process:
-        return {"finished": True}
-    return {"finished": True, "results": _evaluate_snapshots("sse", args, out, data, spec, None, f"SSE: {args.model} on {args.dataset}")}
+    with prepare_run(args) as run:
+        accelerator, out = run.accelerator, run.out
+        data, model, spec = build_data_and_model(args)
+        upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
+        cycle = cycle_iterations("sse", upe, args.cycle, args.cycle_iters)
+        validate_cycle("sse", cycle, args.epochs * upe)
+        accelerator.print(describe_input(spec))
+        accelerator.print(f"SSE: {args.epochs} epochs x {upe} iterations, cosine from {lr_max:g} restarted every {cycle} iterations, "
+                          f"{args.epochs * upe // cycle} snapshots")
+        res = train_snapshots("sse", args, model, data, spec, out, cycle=cycle, lr_max=lr_max, accelerator=accelerator,
+                              train_epochs=args.stop_after_epochs)
+        if not res["finished"]:
+            accelerator.print(f"stopped; continue with --resume {out}")
+            return {"finished": False}
+        if not accelerator.is_main_process:
+            return {"finished": True}
+        return {"finished": True, "results": _evaluate_snapshots("sse", args, out, data, spec, None, f"SSE: {args.model} on {args.dataset}")}
 
 
 def _validate_common(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import set_seed
 from rich.console import Console
 
 from .config import ConfigError, save_config, validate_common_args
@@ -22,7 +21,8 @@ from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
-from .training import Trainer, bn_loader, build_data_for_spec, finish_run, make_accelerator, prepare_output, results_table
+from .run_folder import prepare_run
+from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
 
 
 def validate_spro_args(args: argparse.Namespace) -> None:
@@ -70,38 +70,34 @@ def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerato
 
 def run_spro(args: argparse.Namespace) -> dict[str, Any]:
     """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
-    if args.resume:
-        args.output = args.resume
     validate_spro_args(args)
     bases = [load_model(p) for p in args.checkpoints]
     try:
         check_same_architecture(bases)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    out = prepare_output(args)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        save_config(args, str(out / "config.yaml"))
-    simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
-    data = build_data_for_spec(args, dict(bases[0].spec), bases[0])
-    bn = bn_loader(data, args.batch_size)
-    eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
-    results: dict[str, dict[str, float]] = {}
-    members = []
-    for i, sub in enumerate(simplexes):
-        points = [sub.sample(sub.generator) for _ in range(args.samples)]
-        exported = [sub.export(p, bn_loader=bn, bn_batches=args.bn_batches) for p in points]
-        results[f"simplex{i} (1 sample)"] = evaluate(exported[0], eval_loader, accelerator=accelerator)
-        results[f"simplex{i} ({args.samples} samples)"] = evaluate(Ensemble(exported), eval_loader, accelerator=accelerator)
-        members += exported
-    for i, base in enumerate(bases):
-        results[f"network{i}"] = evaluate(base, eval_loader, accelerator=accelerator)
-    if len(bases) > 1:
-        results[f"ensemble of the {len(bases)} networks"] = evaluate(Ensemble(bases), eval_loader, accelerator=accelerator)
-        results[f"ESPRO ({len(bases)} simplexes x {args.samples} samples)"] = evaluate(Ensemble(members), eval_loader, accelerator=accelerator)
-    if accelerator.is_main_process:
-        write_json({"title": "SPRO/ESPRO", "results": results, "vertices": args.vertices,
-                    "epochs_per_vertex": args.epochs, "samples": args.samples}, out / "results.json")
-        Console().print(results_table("SPRO / ESPRO", results))
-    return {"finished": True, "results": results}
+    with prepare_run(args) as run:
+        out, accelerator = run.out, run.accelerator
+        run.record(dict(bases[0].spec))
+        simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
+        data = build_data_for_spec(args, dict(bases[0].spec), bases[0])
+        bn = bn_loader(data, args.batch_size)
+        eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
+        results: dict[str, dict[str, float]] = {}
+        members = []
+        for i, sub in enumerate(simplexes):
+            points = [sub.sample(sub.generator) for _ in range(args.samples)]
+            exported = [sub.export(p, bn_loader=bn, bn_batches=args.bn_batches) for p in points]
+            results[f"simplex{i} (1 sample)"] = evaluate(exported[0], eval_loader, accelerator=accelerator)
+            results[f"simplex{i} ({args.samples} samples)"] = evaluate(Ensemble(exported), eval_loader, accelerator=accelerator)
+            members += exported
+        for i, base in enumerate(bases):
+            results[f"network{i}"] = evaluate(base, eval_loader, accelerator=accelerator)
+        if len(bases) > 1:
+            results[f"ensemble of the {len(bases)} networks"] = evaluate(Ensemble(bases), eval_loader, accelerator=accelerator)
+            results[f"ESPRO ({len(bases)} simplexes x {args.samples} samples)"] = evaluate(Ensemble(members), eval_loader, accelerator=accelerator)
+        if accelerator.is_main_process:
+            write_json({"title": "SPRO/ESPRO", "results": results, "vertices": args.vertices,
+                        "epochs_per_vertex": args.epochs, "samples": args.samples}, out / "results.json")
+            Console().print(results_table("SPRO / ESPRO", results))
+        return {"finished": True, "results": results}

@@ -664,6 +664,24 @@ class Subspace(nn.Module):
     def anchor_trainable(self, k: int) -> bool:
         return all(p.requires_grad for p in self.anchor_parameters(k))
 
+    @torch.no_grad()
+    def append_centroid_anchor(self) -> int:
+        """Freeze every anchor and append a trainable one at their centroid (1/K) sum_k W_k, the
+        start of an SPRO vertex or a complex's shared vertex [B]; returns its index, K - 1 after.
+        Rebuild the optimiser afterwards: the new anchor's Parameters are new tensors."""
+        for k in range(self.num_anchors):
+            self.freeze_anchor(k)
+        new = nn.ParameterDict()
+        for g in self._groups:
+            total = self.anchors[0][g.name].detach().clone()
+            for k in range(1, self.num_anchors):
+                total.add_(self.anchors[k][g.name])
+            new[g.name] = nn.Parameter(total.div_(self.num_anchors))
+        self.anchors.append(new)
+        self.num_anchors += 1
+        self._fixed = None
+        return self.num_anchors - 1
+
     def freeze_anchor(self, k: int) -> None:
         """Stop training anchor k (its Parameters get requires_grad=False)."""
         for p in self.anchor_parameters(k):
@@ -721,7 +739,7 @@ class Subspace(nn.Module):
         G_ij = <W_i - m, W_j - m> over the subspace parameters in ``names`` (default: all), with
         m = 0, or with ``centred=True`` m = (1/K) sum_k W_k, K chunks at a time (never a K x P
         copy). Centred products are taken in float64, uncentred ones (cosines) in the anchors'
-        dtype and summed in float64. Centring keeps distances
+        dtype (float32 for float16 / bfloat16 anchors, autocast off) and summed in float64. Centring keeps distances
         exact for a simplex that is small next to |W| (an SPRO vertex starting at the centroid):
         |W_i - W_j|^2 = G_ii + G_jj - 2 G_ij holds for any m, but float32 products of uncentred
         weights lose every digit of it there.
@@ -731,27 +749,39 @@ class Subspace(nn.Module):
             unknown = selected - set(self.subspace_parameter_names())
             if unknown:
                 raise ValueError(f"gram(names=...): {sorted(unknown)[:3]} are not subspace parameters; see subspace_parameter_names()")
-        K = self.num_anchors
         total: Tensor | None = None
-        for g in self._groups:
-            if selected is None or selected.issuperset(g.names):
-                pieces = [torch.stack([self.anchors[k][g.name].reshape(-1) for k in range(K)])]
-            else:
-                keep = [i for i, n in enumerate(g.names) if n in selected]
-                if not keep:
-                    continue
-                split = [self.anchors[k][g.name].reshape(-1).split(g.numels) for k in range(K)]
-                pieces = [torch.stack([split[k][i] for k in range(K)]) for i in keep]
-            for stacked in pieces:   # [K, n]
-                if centred:
-                    x = stacked.double()
-                    x = x - x.mean(0, keepdim=True)
-                    part = x @ x.T
-                else:
-                    part = (stacked @ stacked.T).double()
-                total = part if total is None else total + part
+        # Sums of squares of a network's weights exceed float16's 65504; autocast would run the
+        # products below in float16 (GPU) or bfloat16, so it is off here and half anchors go float32.
+        with torch.autocast(device_type=self.anchors[0][self._groups[0].name].device.type, enabled=False):
+            for g in self._groups:
+                part = self._gram_of_group(g, selected, centred)
+                if part is not None:
+                    total = part if total is None else total + part
         if total is None:
             raise ValueError("gram(names=...) selected no parameter of this subspace")
+        return total
+
+    def _gram_of_group(self, g: _Group, selected: set[str] | None, centred: bool) -> Tensor | None:
+        """One storage group's share of :meth:`gram` (float64 [K, K]), None if none of it is selected."""
+        K = self.num_anchors
+        if selected is None or selected.issuperset(g.names):
+            pieces = [torch.stack([self.anchors[k][g.name].reshape(-1) for k in range(K)])]
+        else:
+            keep = [i for i, n in enumerate(g.names) if n in selected]
+            if not keep:
+                return None
+            split = [self.anchors[k][g.name].reshape(-1).split(g.numels) for k in range(K)]
+            pieces = [torch.stack([split[k][i] for k in range(K)]) for i in keep]
+        total: Tensor | None = None
+        for stacked in pieces:   # [K, n]
+            if centred:
+                x = stacked.double()
+                x = x - x.mean(0, keepdim=True)
+                part = x @ x.T
+            else:
+                x = stacked.float() if stacked.dtype in (torch.float16, torch.bfloat16) else stacked
+                part = (x @ x.T).double()
+            total = part if total is None else total + part
         return total
 
     def weight_names(self) -> list[str]:

@@ -31,8 +31,9 @@ class TrainConfig:
     min_lr: float = 0.0
     smoothing: float = 0.0
     grad_accum_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None   # None: the launcher's (accelerate config), else "no"
     cpu: bool = False
+    log_with: str | None = None
     seed: int = 42
     workers: int = 0
     beta: float = 0.0
@@ -54,10 +55,10 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.warmup_epochs {self.warmup_epochs} must be in [0, epochs {self.epochs})")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"TrainConfig.layer_decay must be in (0, 1] (timm uses e.g. 0.75), got {self.layer_decay}")
-        choices = {"mixed_precision": ("no", "bf16", "fp16"), "beta_params": ("weights", "all"), "volume_form": ("benton", "log")}
+        choices = {"mixed_precision": (None, "no", "bf16", "fp16"), "beta_params": ("weights", "all"), "volume_form": ("benton", "log")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: use one of {', '.join(map(str, allowed))}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

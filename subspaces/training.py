@@ -38,7 +38,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -47,12 +46,13 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from .bn import update_bn
-from .config import save_config, validate_common_args
+from .config import validate_common_args
 from .errors import ConfigError, NonFiniteLossError, Preempted
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .errors import CheckpointError
 from .preemption import StopSignals
+from .run_folder import make_accelerator, prepare_run
 from .io import SHAPES, file_digest, save_export, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace, layout_for
@@ -60,21 +60,6 @@ from .train_config import TrainConfig
 
 
 # ---------------------------------------------------------------------------------------- setup
-def make_accelerator(args: TrainConfig | argparse.Namespace) -> Accelerator:
-    """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler.
-
-    Without an accelerator device it runs on the CPU explicitly (``cpu=True``): that is how
-    accelerate picks up the ranks of ``torchrun --nproc_per_node N`` on CPU machines (gloo).
-    """
-    return Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
-        cpu=getattr(args, "cpu", False) or not torch.accelerator.is_available(),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        step_scheduler_with_optimizer=False,
-    )
-
-
 def check_model_name(name: str) -> None:
     """Raise ConfigError for a name timm does not know, suggesting close names."""
     if timm.is_model(name):
@@ -116,9 +101,22 @@ def build_data_and_model(args: argparse.Namespace) -> tuple[DataBundle, nn.Modul
         print(f"{args.model} needs larger inputs than {data.img_size}px: images are resized to {size}px", file=sys.stderr)
         common["img_size"] = size
         data = build_datasets(args.dataset, in_chans=data.in_chans, model=model, **common)
+    check_input_size(model, data.img_size, args.model)
     spec = {"model": args.model, "num_classes": num_classes, "in_chans": data.in_chans, "model_kwargs": kwargs,
             "img_size": data.img_size, "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset}
     return data, model, spec
+
+
+def check_input_size(model: nn.Module, img_size: int | None, name: str) -> None:
+    """ConfigError when ``img_size`` leaves less than 2x2 pixels after the model's stem (the
+    first reduction of timm's ``feature_info``): such a network trains to chance and says nothing."""
+    info = getattr(model, "feature_info", None)
+    if not img_size or not isinstance(info, list) or not info or not isinstance(info[0], dict) or "reduction" not in info[0]:
+        return
+    stem = int(info[0]["reduction"])
+    if img_size < 2 * stem:
+        raise ConfigError(f"--img-size {img_size} is too small for {name}: its stem reduces by {stem}, leaving less than 2x2 pixels; "
+                          f"use --img-size >= {2 * stem} (or leave it out for the dataset's own size)")
 
 
 def _accepts(model: nn.Module, in_chans: int, size: int) -> bool:
@@ -187,30 +185,6 @@ def validate_train_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} {getattr(args, flag)} is invalid: it must be >= {minimum} ({what})")
     if getattr(args, "model", None) is not None:
         check_model_name(args.model)
-
-
-def prepare_output(args: argparse.Namespace) -> Path:
-    """Create the run folder, checking before any work that a real write there succeeds and that
-    there is room for checkpoints; nothing is left behind when it fails (ConfigError)."""
-    out = Path(args.output)
-    probe = out / f".write-test-{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:   # a real write (and fsync): a full disk fails here, not mid-run
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        raise ConfigError(f"cannot write to the output folder {out}: {err.strerror or err}; pass --output to a writable folder") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-    free = shutil.disk_usage(out).free
-    if free < 200 * 2**20:
-        raise ConfigError(f"only {free / 2**20:.0f} MiB free in {out}: checkpoints need more; free space or pass --output elsewhere")
-    return out
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -385,7 +359,7 @@ class Trainer:
         ``make_scheduler`` / ``on_update``."""
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        return cls(config, model, data, dict(spec or {}), make_accelerator(config), out, **hooks)
+        return cls(config, model, data, dict(spec or {}), make_accelerator(config, project_dir=out), out, **hooks)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -399,6 +373,10 @@ class Trainer:
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
         self.updates_per_epoch = math.ceil(len(self.train_loader) / a.grad_accum_steps)
+        if a.batch_size * acc.num_processes > len(self.data.train):
+            largest = len(self.data.train) // acc.num_processes
+            raise ConfigError(f"--batch-size {a.batch_size} x {acc.num_processes} process(es) is more than the {len(self.data.train)} training images: "
+                              f"use --batch-size <= {largest} or a larger --train-subset")
         sub = self.unwrapped
         if isinstance(sub, Subspace) and getattr(a, "volume_lambda", 0) and getattr(a, "volume_form", "benton") == "benton":
             self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
@@ -480,21 +458,30 @@ class Trainer:
         elif acc.is_main_process and metrics_path.exists():
             metrics_path.unlink()
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
-        with StopSignals(announce=acc.is_main_process) as signals:
-            for epoch in range(start, stop):
-                self._train_epoch(epoch, signals, position if epoch == start else None)
-                last = epoch + 1 == a.epochs
-                record = self.history[-1]
-                if last or (epoch + 1) % a.eval_every == 0:
-                    record["eval"] = self.evaluate_now(final=False)
-                if acc.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    _print_epoch(record)
-                self._save({"epoch": epoch + 1, "updates": self.updates})
-                if self._stop_agreed(signals) and epoch + 1 < stop:
-                    raise Preempted(f"{signals.requested or 'a stop on another rank'} after epoch {epoch + 1} of {a.epochs}: "
-                                    f"checkpoint written; continue with --resume {out}")
+        if acc.log_with:
+            settings = vars(a) if isinstance(a, argparse.Namespace) else a.to_dict()
+            acc.init_trackers(out.name or "run", config={k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))})
+        try:
+            with StopSignals(announce=acc.is_main_process) as signals:
+                for epoch in range(start, stop):
+                    self._train_epoch(epoch, signals, position if epoch == start else None)
+                    last = epoch + 1 == a.epochs
+                    record = self.history[-1]
+                    if last or (epoch + 1) % a.eval_every == 0:
+                        record["eval"] = self.evaluate_now(final=False)
+                    if acc.is_main_process:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        _print_epoch(record)
+                    if acc.log_with:
+                        acc.log(flat_metrics(record), step=self.updates)
+                    self._save({"epoch": epoch + 1, "updates": self.updates})
+                    if self._stop_agreed(signals) and epoch + 1 < stop:
+                        raise Preempted(f"{signals.requested or 'a stop on another rank'} after epoch {epoch + 1} of {a.epochs}: "
+                                        f"checkpoint written; continue with --resume {out}")
+        finally:
+            if acc.log_with:
+                acc.end_training()   # flushes the trackers, also when the run stops early
         return {"epochs_done": stop, "finished": stop == a.epochs}
 
     def _save(self, progress: dict[str, Any]) -> None:
@@ -579,6 +566,8 @@ class Trainer:
                     rate = (seen - (position["seen"] if position and acc.is_main_process else 0)) * acc.num_processes
                     rate /= max(time.perf_counter() - t0, 1e-9)
                     bar.update(step, f"loss {mean_loss:.4f} acc {accuracy:.3f} lr {lr:.3g} {rate:.0f} samples/s")
+                    if acc.log_with and acc.sync_gradients:
+                        acc.log({"train_loss": mean_loss, "train_acc": accuracy, "lr": lr, "samples_per_s": rate}, step=self.updates)
                 if stop and acc.sync_gradients:
                     self._stop_within_epoch(epoch, step, loss_sum, correct, seen, elapsed_before + time.perf_counter() - t0, signals)
         finally:
@@ -627,6 +616,19 @@ class Trainer:
         self._save({"epoch": epoch, "updates": self.updates, "within_epoch": position})
         raise Preempted(f"{signals.requested or 'a stop on another rank'} at epoch {epoch + 1}, step {step} of "
                         f"{len(self.train_loader)} (update {self.updates}): checkpoint written; continue with --resume {self.output}")
+
+
+def flat_metrics(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """A metrics.jsonl record as tracker scalars: nested keys joined with "/" ("eval/centre/acc"),
+    numbers only."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, prefix=name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
 
 
 def _epoch_of(line: str) -> float:
@@ -707,19 +709,14 @@ def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
 
 def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, Any]:
     """The whole of ``recipes/train.py``: validate, build, train (or resume), evaluate, export."""
-    if args.resume:
-        args.output = args.resume
     validate_train_args(args)
-    out = prepare_output(args)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    data, model, spec = build_data_and_model(args)
-    net = wrap_subspace(args, model, rank=accelerator.process_index)
-    if accelerator.is_main_process:
-        save_config(args, str(out / "config.yaml"))
-    trainer = Trainer(args, net, data, spec, accelerator, out)
-    status = trainer.fit(resume=bool(args.resume), train_epochs=getattr(args, "stop_after_epochs", None))
-    if not status["finished"]:
-        accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {out}")
-        return {"finished": False}
-    return {"finished": True, "results": finish_run(trainer, title)}
+    with prepare_run(args) as run:
+        data, model, spec = build_data_and_model(args)
+        net = wrap_subspace(args, model, rank=run.accelerator.process_index)
+        run.record(spec)
+        trainer = Trainer(args, net, data, spec, run.accelerator, run.out)
+        status = trainer.fit(resume=bool(args.resume), train_epochs=getattr(args, "stop_after_epochs", None))
+        if not status["finished"]:
+            run.accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
+            return {"finished": False}
+        return {"finished": True, "results": finish_run(trainer, title)}

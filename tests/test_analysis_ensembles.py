@@ -205,7 +205,7 @@ def test_without_results_json_and_with_another_eval_subset(run, tmp_path):
     (["{cmp}", "--seed", "-1"], ">= 0"),
     (["{cmp}", "--threads", "0"], "--threads"),
     (["{cmp}", "--batch-size", "0"], "--batch-size"),
-    (["{cmp}", "--eval-subset", "20000"], "eval_subset"),
+    (["{cmp}", "--eval-subset", "20000"], "--eval-subset 20000 exceeds"),
 ])
 def test_bad_input_is_one_line(run, tmp_path, capsys, argv, message):
     argv = [a.format(root=run["root"], cmp=run["cmp"]) for a in argv]

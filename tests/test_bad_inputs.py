@@ -25,8 +25,7 @@ from torch import nn
 
 import subspaces as ss
 from helpers import DATA_TINY, REPO, TINY
-from subspaces import connect as ss_connect
-from subspaces import spro as ss_spro
+from subspaces import run_folder as ss_run_folder
 from subspaces import training as ss_training
 from subspaces.io import CheckpointError, load_model, load_subspace, save_model, save_subspace
 
@@ -47,8 +46,7 @@ def recipe(monkeypatch, capsys):
     def tripwire(*a, **k):
         raise GotPastValidation("make_accelerator was reached")
 
-    for module in (ss_training, ss_connect, ss_spro):
-        monkeypatch.setattr(module, "make_accelerator", tripwire)
+    monkeypatch.setattr(ss_run_folder, "make_accelerator", tripwire)
 
     def call(name: str, *argv) -> tuple[int, list[str]]:
         main = runpy.run_path(str(REPO / "recipes" / name), run_name="recipe_under_test")["main"]
@@ -252,8 +250,8 @@ def test_simplex_bad_flags_and_checkpoints(recipe, files, tmp_path):
 # ------------------------------------------------------------------------------------ missing data
 def test_dataset_not_found_says_how_to_get_it(recipe, tmp_path, monkeypatch):
     """The data is looked for after the output folder is checked: the accelerator is a stand-in here."""
-    monkeypatch.setattr(ss_training, "make_accelerator", lambda args: types.SimpleNamespace(process_index=0, is_main_process=True))
-    monkeypatch.setattr(ss_training, "set_seed", lambda seed: None)
+    monkeypatch.setattr(ss_run_folder, "make_accelerator", lambda args: types.SimpleNamespace(process_index=0, is_main_process=True))
+    monkeypatch.setattr(ss_run_folder, "set_seed", lambda seed: None)
     empty = tmp_path / "no_data_here"
     empty.mkdir()
     line = one_error(recipe("train.py", *TINY, "--dataset", "cifar10", "--data-dir", empty, "--output", tmp_path / "run"),

@@ -212,3 +212,34 @@ def test_the_plan_is_a_pure_function_of_the_settings():
     assert plan.spro_cost == pytest.approx(0.1) and plan.cost("ESPRO", 2) == pytest.approx(2.2) and plan.cost("Ind", 2) == 2
     assert plan.fge_count(1, [78 + 156 * i for i in range(30)]) == 4   # four cycles in the 628 FGE iterations of 1B
     assert any("ESPRO(k)" in line for line in accounting(plan, args))
+
+
+def test_sigterm_stops_the_members_with_checkpoints_and_the_same_command_continues(compare_runs, tmp_path):
+    """SIGTERM to a comparison reaches its worker processes, which checkpoint and stop; the
+    comparison exits 75 with one line, and the same command again finishes the same members."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import recipe_env
+
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "recipes/compare.py", *TINY[:-2], "--methods", "ind,line", "--jobs", "2", "--output", str(out)]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=recipe_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + 300
+        while "started in a worker process" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(4)   # the worker is importing or training by now
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith(("stopped:", "error:"))]
+    assert rc == 75, log.read_text()[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("stopped: compare interrupted"), lines
+    again = subprocess.run(cmd, cwd=REPO, env=recipe_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in ("ind0", "ind1", "ind2", "line1B"):
+        progress = lambda root: json.loads((root / "seed0" / name / "checkpoint" / "progress.json").read_text())  # noqa: E731
+        assert progress(out)["updates"] == progress(compare_runs["out"])["updates"], name

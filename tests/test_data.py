@@ -310,7 +310,7 @@ def test_subsets_deterministic_and_holdout_disjoint(fmnist_root):
     full = D.build_datasets("fashion-mnist", root=fmnist_root, holdout=10)
     assert len(full.train) == 60000 - 10 and len(full.eval) == 10000
     assert D.build_datasets("fashion-mnist", root=fmnist_root).holdout is None
-    with pytest.raises(ValueError, match="train_subset"):
+    with pytest.raises(ValueError, match="--train-subset 60000 exceeds the 59999 examples available"):
         D.build_datasets("fashion-mnist", root=fmnist_root, train_subset=60000, holdout=1)
 
 

@@ -172,7 +172,8 @@ def test_resume_after_kills_is_bit_identical_to_an_uninterrupted_run(crashes):
                           "killed twice and resumed vs uninterrupted")
     assert [r["epoch"] for r in read_metrics(crashes.killed)] == [1, 2], "metrics.jsonl: one line per epoch, no repeats"
     assert _progress(crashes.killed / "checkpoint")["epoch"] == 2
-    leftovers = [p.name for p in crashes.killed.iterdir() if p.name in (".checkpoint.tmp", "checkpoint.old") or p.name.startswith(".")]
+    leftovers = [p.name for p in crashes.killed.iterdir()
+                 if p.name in (".checkpoint.tmp", "checkpoint.old") or p.name.startswith(".") and p.name != ".lock"]
     assert not leftovers, f"temporary folders left behind: {leftovers}"
     verify_checkpoint(crashes.killed / "checkpoint")
 

@@ -31,7 +31,8 @@ from subspaces.snapshots import (
     updates_per_epoch,
     validate_cycle,
 )
-from subspaces.training import Trainer, make_accelerator
+from subspaces.run_folder import make_accelerator
+from subspaces.training import Trainer
 
 BATCH, TRAIN, EVAL = 16, 64, 32
 UPE = TRAIN // BATCH
