@@ -141,6 +141,13 @@ def make_plan(args: argparse.Namespace, num_train: int) -> Plan:
         if args.spro_lr <= 0 or args.spro_volume_lambda < 0:
             raise ConfigError(f"--spro-lr must be > 0 and --spro-volume-lambda >= 0, got {args.spro_lr} and {args.spro_volume_lambda}")
         espro = {"espro_vertices": args.espro_vertices, "spro_epochs": args.spro_epochs, "spro_samples_per_step": args.spro_samples_per_step}
+        per_vertex = args.spro_epochs * args.spro_samples_per_step / B   # in B: one added vertex of one SPRO simplex
+        if 1 + (args.espro_vertices - 1) * per_vertex > top:   # ESPRO(1): one Ind network and its simplex
+            fit = 1 + int((top - 1) / per_vertex + 1e-9)
+            hint = f"use --espro-vertices <= {fit}" if fit >= 2 else "lower --spro-epochs / --spro-samples-per-step"
+            raise ConfigError(f"--espro-vertices {args.espro_vertices} x --spro-epochs {args.spro_epochs} x --spro-samples-per-step "
+                              f"{args.spro_samples_per_step} cost {1 + (args.espro_vertices - 1) * per_vertex:g}B for one network's simplex, "
+                              f"above the largest budget {top}B: {hint}, or raise --budgets")
     return Plan(B=B, upe=upe, budgets=budgets, subspace_budgets=sub_budgets, methods=methods, pretrain_iter=pre,
                 fge_cycle=fge_cycle, fge_epochs=fge_epochs, sse_cycle=sse_cycle, sse_epochs=sse_epochs, notes=notes, **espro)
 

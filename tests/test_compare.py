@@ -135,6 +135,7 @@ def test_compare_refuses_other_settings_in_the_same_folder(compare_runs, capsys)
     (["--sse-cycle-iters", "1000"], "longer than the run"),
     (["--fge-pretrain", "0.95"], "less than one cycle"),
     (["--budgets", "0,1"], "positive"),
+    (["--espro-vertices", "9"], "above the largest budget 3B: use --espro-vertices <= 5"),
 ])
 def test_compare_bad_inputs_fail_with_one_line(tmp_path, capsys, extra, message):
     rc = _recipe("compare").main([*TINY, "--output", str(tmp_path / "x"), *extra])
