@@ -9,6 +9,7 @@ networks, recipes/connect.py), N evenly spaced t in [0, 1] (default 61) on
 with BatchNorm recomputed at every point (--bn-batches training batches), all points evaluated
 in one pass over each dataset (subspaces.pointwise). Prints the curve's length (integral of
 ||w'(t)||), the segment's, and the largest test error along each path.
+Barriers (max_t of the rise above the chord between the ends' values, subspaces.barrier) of the train/test loss and error are in the JSON, the table and the figure.
 
     python analysis/curve.py runs/connect                                      # -> runs/connect/curve.png + .json
     python analysis/curve.py runs/connect --train-subset 5000 --eval-subset 2000 --output docs/curve.png
@@ -49,6 +50,7 @@ def coefficients(sub, ts):
 def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     import torch
 
+    from subspaces.barrier import barrier
     from subspaces.pointwise import distance, evaluate_points, integrate_speed
     from subspaces.shapes import Curve
 
@@ -88,7 +90,8 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         loss = torch.tensor(d["train_loss"])
         i, j = int(err.argmax()), int(loss.argmax())
         summary[name] = {"max_test_error": float(err[i]), "t_max_test_error": float(ts[i]), "max_train_loss": float(loss[j]),
-                         "t_max_train_loss": float(ts[j]), "mean_test_error": float(err.mean())}
+                         "t_max_train_loss": float(ts[j]), "mean_test_error": float(err.mean()),
+                         "barriers": {key: barrier(d[key], ts).to_dict() for key in ("train_loss", "train_error", "test_loss", "test_error")}}
     summary["endpoints"] = {"test_error": [curve["test_error"][0], curve["test_error"][-1]],
                             "train_loss": [curve["train_loss"][0], curve["train_loss"][-1]]}
     summary["curve_length"] = length
@@ -111,8 +114,15 @@ def plot(data: dict):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, style in (("curve", dict(color="C0", lw=2, label=f"learned {data['shape']} curve")),
                         ("segment", dict(color="C3", lw=2, ls="--", label="straight segment"))):
-        ax1.plot(t, data[name]["train_loss"], **style)
-        ax2.plot(t, [100 * e for e in data[name]["test_error"]], **style)
+        b = data["summary"][name]["barriers"]
+        ax1.plot(t, data[name]["train_loss"], **{**style, "label": f"{style['label']} (barrier {b['train_loss']['height']:.3f})"})
+        ax2.plot(t, [100 * e for e in data[name]["test_error"]],
+                 **{**style, "label": f"{style['label']} (barrier {100 * b['test_error']['height']:.1f} %)"})
+        for ax, key, scale in ((ax1, "train_loss", 1), (ax2, "test_error", 100)):   # the barrier: peak above the ends' chord
+            peak = b[key]
+            ends = peak["ends"]
+            chord = scale * ((1 - peak["t"]) * ends[0] + peak["t"] * ends[1])
+            ax.vlines(peak["t"], chord, scale * peak["value"], colors=style["color"], linestyles=":", lw=1)
     ax1.set_title("train loss (BN recomputed at every t)")
     ax1.set_xlabel("t")
     ax1.set_ylabel("cross-entropy")
@@ -137,12 +147,15 @@ def print_summary(data: dict) -> None:
 
     s = data["summary"]
     table = Table(title=f"{data['run_dir']}: curve vs straight segment ({len(data['t'])} points each)")
-    for col in ("path", "length", "max test error %", "at t", "mean test error %", "max train loss", "at t"):
+    for col in ("path", "length", "max test error %", "at t", "mean test error %", "max train loss", "at t",
+                "test error barrier %", "test loss barrier", "train loss barrier"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for name, length in (("curve", s["curve_length"]), ("segment", s["segment_length"])):
         d = s[name]
         table.add_row(name, f"{length:.2f}", f"{100 * d['max_test_error']:.2f}", f"{d['t_max_test_error']:.3f}",
-                      f"{100 * d['mean_test_error']:.2f}", f"{d['max_train_loss']:.4f}", f"{d['t_max_train_loss']:.3f}")
+                      f"{100 * d['mean_test_error']:.2f}", f"{d['max_train_loss']:.4f}", f"{d['t_max_train_loss']:.3f}",
+                      f"{100 * d['barriers']['test_error']['height']:.2f}", f"{d['barriers']['test_loss']['height']:.4f}",
+                      f"{d['barriers']['train_loss']['height']:.4f}")
     common.console.print(table)
     e = s["endpoints"]["test_error"]
     common.console.print(f"endpoints: test error {100 * e[0]:.2f}% (t=0), {100 * e[1]:.2f}% (t=1); {data['seconds']:.1f} s")

@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 
+from .align import align, example_batch
 from .config import ConfigError, validate_common_args
-from .io import load_model
+from .io import load_model, write_json
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
@@ -41,6 +42,10 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     spec = dict(model_a.spec)
     with prepare_run(args) as run:
         data = build_data_for_spec(args, spec, model_a)
+        if getattr(args, "align", False):   # B permuted to match A (weight matching): the same function, a shorter segment
+            model_b, alignment = align(model_a, model_b, example_batch(data.bn), seed=args.seed)
+            if run.accelerator.is_main_process:
+                write_json(alignment, run.out / "alignment.json")
         seed = args.seed if args.same_point else args.seed + 100_003 * run.accelerator.process_index
         layout = layout_for(args.opt, args.layer_decay)
         if args.curve == "bezier":

@@ -249,6 +249,11 @@ def test_curve_script(runs, tmp_path):
     s = data["summary"]
     assert s["curve_length"] >= s["segment_length"] * (1 - 1e-6) > 0
     assert data["train_count"] == 16 and data["test_count"] == 16
+    for path in ("curve", "segment"):   # the barrier at the midpoint: its rise above the ends' chord
+        for key in ("train_loss", "test_error"):
+            b, v = s[path]["barriers"][key], data[path][key]
+            rise = v[1] - (v[0] + v[2]) / 2
+            assert b["height"] == pytest.approx(max(rise, 0.0), abs=1e-12) and b["ends"] == pytest.approx([v[0], v[2]])
 
 
 def test_plane_script_run_and_files(runs, tmp_path):
