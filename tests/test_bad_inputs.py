@@ -250,7 +250,7 @@ def test_simplex_bad_flags_and_checkpoints(recipe, files, tmp_path):
 # ------------------------------------------------------------------------------------ missing data
 def test_dataset_not_found_says_how_to_get_it(recipe, tmp_path, monkeypatch):
     """The data is looked for after the output folder is checked: the accelerator is a stand-in here."""
-    monkeypatch.setattr(ss_run_folder, "make_accelerator", lambda args: types.SimpleNamespace(process_index=0, is_main_process=True))
+    monkeypatch.setattr(ss_run_folder, "make_accelerator", lambda args, project_dir=None: types.SimpleNamespace(process_index=0, is_main_process=True))
     monkeypatch.setattr(ss_run_folder, "set_seed", lambda seed: None)
     empty = tmp_path / "no_data_here"
     empty.mkdir()

@@ -102,19 +102,23 @@ def test_numeric_flags_beyond_the_model_or_the_data_give_one_line(flags, fragmen
     assert res.rc == 2 and len(res.error_lines()) == 1 and fragment in res.stderr, res.explain()
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_regularisers_do_not_overflow_in_half_precision(dtype):
+def test_regularisers_do_not_overflow_in_half_precision(dtype, device):
     """Sums of squares of real weights pass float16's 65504: the Gram must not be taken in it,
-    neither under autocast nor for half anchors."""
+    neither under autocast (the CPU's, and a GPU's where there is one) nor for half anchors."""
     torch.manual_seed(0)
-    simplex = ss.Simplex(timm.create_model("test_resnet", num_classes=3), vertices=3, seed=0)
+    simplex = ss.Simplex(timm.create_model("test_resnet", num_classes=3), vertices=3, seed=0).to(device)
     with torch.no_grad():
         for k in range(3):
             for t in simplex.anchors[k].values():
                 t.mul_(40)
     expected = (simplex.gram(), cosine_penalty(simplex, pair=(0, 1)), log_volume(simplex), volume_penalty(simplex))
     assert expected[0].diagonal().min() > 65504
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         got = (simplex.gram(), cosine_penalty(simplex, pair=(0, 1)), log_volume(simplex), volume_penalty(simplex))
     for value, reference in zip(got, expected):
         assert torch.isfinite(value).all()
