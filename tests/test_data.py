@@ -1,4 +1,4 @@
-"""Tests for subspaces.data (Fashion-MNIST discovery, dataset bundles, loaders)."""
+"""Tests for subspaces.data and subspaces.data_sources (Fashion-MNIST discovery, dataset bundles, loaders)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from subspaces import data as D
+from subspaces import data_sources as S
 
 RAW_NAMES = (
     "train-images-idx3-ubyte",
@@ -29,7 +30,7 @@ RAW_SIZES = {
 }
 
 needs_debian = pytest.mark.skipif(
-    not all((D.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file() for n in RAW_NAMES),
+    not all((S.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file() for n in RAW_NAMES),
     reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
 )
 
@@ -44,7 +45,7 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory):
     """A Fashion-MNIST root decompressed once from the Debian files (session-wide)."""
-    if not all((D.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file() for n in RAW_NAMES):
+    if not all((S.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz").is_file() for n in RAW_NAMES):
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     cache = tmp_path_factory.mktemp("fmnist-cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -95,7 +96,7 @@ def test_debian_files_decompressed_once_into_cache(tmp_path, monkeypatch):
 
 def test_cache_location_defaults_to_xdg(fmnist_root, tmp_path, monkeypatch):
     _link_raw(fmnist_root, tmp_path / "xdg" / "subspaces")
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("SUBSPACES_OFFLINE", "1")
     assert D.fashion_mnist_root() == tmp_path / "xdg" / "subspaces"
@@ -164,8 +165,8 @@ def test_subspaces_data_with_gz_files(tmp_path, monkeypatch):
     gz_dir = tmp_path / "gz"
     gz_dir.mkdir()
     for n in RAW_NAMES:
-        os.symlink(D.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz", gz_dir / f"{n}.gz")
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+        os.symlink(S.DEBIAN_FASHION_MNIST_DIR / f"{n}.gz", gz_dir / f"{n}.gz")
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("SUBSPACES_DATA", str(gz_dir))
     monkeypatch.setenv("SUBSPACES_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SUBSPACES_OFFLINE", "1")
@@ -186,7 +187,7 @@ def test_missing_dataset_raises_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setattr(FashionMNIST, "download", no_network)
     missing_debian = tmp_path / "no-debian"
     cache = tmp_path / "cache"
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", missing_debian)
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST_DIR", missing_debian)
     monkeypatch.setenv("SUBSPACES_CACHE", str(cache))
     monkeypatch.setenv("SUBSPACES_DATA", str(tmp_path / "empty-data"))
 
@@ -211,7 +212,7 @@ def test_corrupt_gz_folder_is_reported(tmp_path, monkeypatch):
     bad.mkdir()
     for n in RAW_NAMES:
         (bad / f"{n}.gz").write_bytes(b"not a gzip file")
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("SUBSPACES_DATA", str(bad))
     monkeypatch.setenv("SUBSPACES_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SUBSPACES_OFFLINE", "1")
@@ -228,7 +229,7 @@ def test_offline_skips_download(tmp_path, monkeypatch):
         raise AssertionError("download attempted although SUBSPACES_OFFLINE=1")
 
     monkeypatch.setattr(FashionMNIST, "download", must_not_run)
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(S, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
     monkeypatch.setenv("SUBSPACES_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SUBSPACES_OFFLINE", "1")
     with pytest.raises(D.DatasetNotFoundError, match="SUBSPACES_OFFLINE"):

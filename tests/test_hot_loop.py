@@ -25,7 +25,7 @@ from subspaces.errors import NonFiniteLossError, Preempted
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 #: the data loader's own CPU work (indices, targets) happens before a batch reaches the device
-DATA_LOADING = ("torch/utils/data/", "accelerate/data_loader.py", "subspaces/data.py")
+DATA_LOADING = ("torch/utils/data/", "accelerate/data_loader.py", "subspaces/data.py", "subspaces/data_sources.py")
 #: a subspace draws its point from a CPU generator and checks its coefficients there (Tensor[K],
 #: never on the device), then copies them to the device without blocking
 POINT_ON_HOST = ("_coeffs_for", "_lerp_steps")
