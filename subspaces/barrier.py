@@ -53,12 +53,16 @@ def barrier(values: Any, t: Any = None) -> Barrier:
 
     ``t`` must start at 0, end at 1 and increase strictly; N >= 2; the values must be finite.
     """
-    v = torch.as_tensor(values).detach().double().reshape(-1).cpu()
+    # a list of Python floats becomes float64 directly: torch's default float32 would round the values
+    v = (values if isinstance(values, Tensor) else torch.as_tensor(values, dtype=torch.float64)).detach().double().reshape(-1).cpu()
     if v.numel() < 2:
         raise ConfigError(f"a barrier needs the values at both ends: got {v.numel()} value(s); pass N >= 2 points")
     if not torch.isfinite(v).all():
         raise ConfigError("the values along the path contain NaN or infinity: a barrier needs finite losses / errors")
-    ts = torch.linspace(0, 1, v.numel(), dtype=torch.float64) if t is None else torch.as_tensor(t).detach().double().reshape(-1).cpu()
+    if t is None:
+        ts = torch.linspace(0, 1, v.numel(), dtype=torch.float64)
+    else:
+        ts = (t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float64)).detach().double().reshape(-1).cpu()
     if ts.shape != v.shape:
         raise ConfigError(f"t has {ts.numel()} entries but there are {v.numel()} values: pass one t per value")
     if abs(float(ts[0])) > 1e-6 or abs(float(ts[-1]) - 1) > 1e-6 or bool((ts[1:] <= ts[:-1]).any()):

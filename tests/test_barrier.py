@@ -127,3 +127,9 @@ def test_paths_need_two_points(pair):
     a, b = pair
     with pytest.raises(ConfigError, match="points >= 2"):
         segment_barriers(a, b, {"test": _data()}, bn_loader=None, points=1)
+
+
+def test_python_floats_keep_float64_precision():
+    # 0.1 + 1e-9 is not a float32 number: a barrier of Python floats must not round it
+    values = [0.1, 0.1 + 1e-9 + 0.2, 0.3]
+    assert barrier(values).height == pytest.approx(1e-9 + 0.2 - 0.1, abs=1e-15)
