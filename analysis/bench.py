@@ -24,12 +24,19 @@ primitives over buffers of the model's parameter count: mixing K anchors is at l
 reads + one copy of the parameters, the backward one copy per trainable anchor (c_k * dL/dw),
 the optimiser (T - 1) more plain optimiser steps for T trainable anchors. ``floor`` is
 (plain + that) / plain: a variant's ratio above it is overhead, below it is not possible.
-For the points workload the floor is N mixes of the curve's 3 anchors on top of N forwards.
+For the points workload the floor is N mixes of the curve's 3 anchors on top of N forwards
+(per call), or N mixes once for the whole evaluation pass (``evaluate_coefficients``).
+
+``--pool both`` times every subspace variant a second time with subspaces' CPU buffer pool off
+(``VARIANT_nopool``, interleaved) and reports pool on / off ratios; every timed fn also records
+the process's minor page faults (``minor_faults_median``).
 
 Two evaluation workloads (``torch.no_grad()``, eval mode, one batch read once for everything):
 
     points    N points of a connect curve on one batch (``sub(x, point=t)`` for N values of t:
-              N mixes + N forwards) against N forwards of N separate plain models
+              N mixes + N forwards) against N forwards of N separate plain models; and
+              ``evaluate_coefficients`` of the N points over ``--eval-batches`` batches (each
+              point mixed once per pass) against the same metrics of the plain models
     ensemble  an ensemble of M plain members predicting in one call (``subspaces.ensembles.
               Ensemble`` when present, else an average of softmax outputs) against M separate
               passes ``softmax(model_m(x))`` averaged by hand
@@ -78,8 +85,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import subspaces as ss
+from subspaces.metrics import nll_per_example
 
 VARIANTS = ("plain", "connect", "line", "simplex")
+NOPOOL = "_nopool"   # suffix of a variant stepped with subspaces' CPU buffer pool off (``--pool both``)
 # opt-in (``--variants``): the same shapes with one anchor tensor per parameter (layout="per_parameter")
 LAYOUT_VARIANTS = ("line_pp", "simplex_pp")
 MODEL_ALIASES = {
@@ -131,28 +140,33 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(name: str, img_size: int, num_classes: int) -> nn.Module:
-    """resnet110 / deep_narrow: :class:`CifarResNet`; vit_*: timm ViT at ``img_size`` with 4x4
-    patches; anything else: ``timm.create_model(name, num_classes=num_classes)``."""
+def build_model(name: str, img_size: int, num_classes: int, patch_size: int = 4) -> nn.Module:
+    """resnet110 / deep_narrow: :class:`CifarResNet`; vit_*: timm ViT at ``img_size`` with
+    ``patch_size`` x ``patch_size`` patches (0: the model's own); anything else:
+    ``timm.create_model(name, num_classes=num_classes)``."""
     name = MODEL_ALIASES.get(name, name)
     if name == "resnet110":
         return CifarResNet(18, num_classes)
     import timm
 
     if name.startswith(("vit_", "deit_")):
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, patch_size=4)
+        extra = {"patch_size": patch_size} if patch_size else {}
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **extra)
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
-def build_variants(name: str, img_size: int, num_classes: int, variants: Sequence[str], device: torch.device) -> dict[str, nn.Module]:
+def build_variants(name: str, img_size: int, num_classes: int, variants: Sequence[str], device: torch.device,
+                   patch_size: int = 4) -> dict[str, nn.Module]:
+    """The models of ``variants`` (``{variant}_nopool``: the same subspace, timed with the buffer pool off)."""
     torch.manual_seed(0)
-    model_a = build_model(name, img_size, num_classes)
+    model_a = build_model(name, img_size, num_classes, patch_size)
     out: dict[str, nn.Module] = {}
-    for v in variants:
+    for variant in variants:
+        v = variant.removesuffix(NOPOOL)
         if v == "plain":
             m: nn.Module = copy.deepcopy(model_a)
         elif v == "connect":
-            model_b = build_model(name, img_size, num_classes)   # a second, independent init
+            model_b = build_model(name, img_size, num_classes, patch_size)   # a second, independent init
             m = ss.Bezier.connect(model_a, model_b, seed=1)
         elif v in ("line", "line_pp"):
             m = ss.Line(model_a, seed=2, layout="per_parameter" if v == "line_pp" else "flat")
@@ -160,11 +174,25 @@ def build_variants(name: str, img_size: int, num_classes: int, variants: Sequenc
             m = ss.Simplex(model_a, vertices=3, seed=3, layout="per_parameter" if v == "simplex_pp" else "flat")
         else:
             raise ValueError(f"unknown variant {v!r}: choose from {VARIANTS + LAYOUT_VARIANTS}")
-        out[v] = m.to(device)
+        out[variant] = m.to(device)
     return out
 
 
 # ----------------------------------------------------------------------------- timing helpers
+def _without_pool(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with the subspace's CPU buffer pool switched off (``subspaces.subspace._POOLING``):
+    every mixed weight set and anchor gradient is then a fresh allocation, as without the pool."""
+    from subspaces import subspace as core
+
+    def run() -> None:
+        previous, core._POOLING = core._POOLING, False
+        try:
+            fn()
+        finally:
+            core._POOLING = previous
+    return run
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,7 +241,7 @@ class Trainer:
         return self.persistent_bytes() + grads + mix
 
 
-Timings = dict[str, dict[str, list[float]]]   # fn -> {"wall": [...], "cpu": [...]} in seconds
+Timings = dict[str, dict[str, list[float]]]   # fn -> {"wall": [...], "cpu": [...]} in seconds, "faults": [...] counts
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, device: torch.device, seed: int = 0) -> Timings:
@@ -228,20 +256,32 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, devi
         for fn in fns.values():
             fn()
     _sync(device)
-    times: Timings = {k: {"wall": [], "cpu": []} for k in fns}
+    times: Timings = {k: {"wall": [], "cpu": [], "faults": []} for k in fns}
     order = list(fns)
     rng = random.Random(seed)
     for _ in range(reps):
         rng.shuffle(order)
         for k in order:
             _sync(device)
+            f0 = _minor_faults()
             c0, t0 = time.process_time(), time.perf_counter()
             fns[k]()
             _sync(device)
             t1, c1 = time.perf_counter(), time.process_time()
             times[k]["wall"].append(t1 - t0)
             times[k]["cpu"].append(c1 - c0)
+            times[k]["faults"].append(_minor_faults() - f0)
     return times
+
+
+def _minor_faults() -> int:
+    """The process's minor page faults so far (fresh pages touched: what re-allocating large
+    buffers costs on CPU); 0 where ``resource`` is unavailable."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarize(times: Timings, reference: str) -> dict[str, dict[str, float]]:
@@ -262,6 +302,7 @@ def summarize(times: Timings, reference: str) -> dict[str, dict[str, float]]:
             "cpu_median_ms": statistics.median(cs) * 1e3,
             "cpu_ratio": statistics.median(cs) / statistics.median(ref_cpu),
             "cpu_paired_ratio": statistics.median([c / r for c, r in zip(cs, ref_cpu)]),
+            "minor_faults_median": statistics.median(tk["faults"]) if tk.get("faults") else None,
             "reps": len(ts),
         }
     return out
@@ -330,12 +371,13 @@ def memory_probe(name: str, args: argparse.Namespace) -> dict[str, Any]:
     def current() -> int:
         return torch.cuda.memory_allocated(device) if cuda else _proc_status_bytes("VmRSS")
 
-    Trainer(build_model(name, args.img_size, args.num_classes).to(device), x, y, args.lr, args.weight_decay, args.amp).step()
+    Trainer(build_model(name, args.img_size, args.num_classes, args.patch_size).to(device), x, y, args.lr, args.weight_decay, args.amp).step()
     out = {}
     for variant in args.variants:
         _settle()
         base = current()
-        trainer = Trainer(build_variants(name, args.img_size, args.num_classes, [variant], device)[variant], x, y, args.lr, args.weight_decay, args.amp)
+        trainer = Trainer(build_variants(name, args.img_size, args.num_classes, [variant], device, args.patch_size)[variant],
+                          x, y, args.lr, args.weight_decay, args.amp)
         for _ in range(2):
             trainer.step()
         trainer.opt.zero_grad(set_to_none=True)
@@ -369,7 +411,7 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", name, "--variants", ",".join(args.variants),
            "--batch-size", str(args.batch_size), "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
            "--device", args.device, "--amp", args.amp, "--threads", str(args.threads), "--lr", str(args.lr),
-           "--weight-decay", str(args.weight_decay)]
+           "--weight-decay", str(args.weight_decay), "--patch-size", str(args.patch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {name} failed:\n{proc.stderr[-3000:]}")
@@ -378,12 +420,17 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- workloads
 def bench_train(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variants = build_variants(name, args.img_size, args.num_classes, args.variants, device)
+    names = list(args.variants)
+    if args.pool == "both":   # the same subspaces again, stepped with the CPU buffer pool off
+        names += [v + NOPOOL for v in args.variants if v != "plain"]
+    variants = build_variants(name, args.img_size, args.num_classes, names, device, args.patch_size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
     trainers = {v: Trainer(m, x, y, args.lr, args.weight_decay, args.amp) for v, m in variants.items()}
-    fns: dict[str, Callable[[], None]] = {v: t.step for v, t in trainers.items()}
+    fns: dict[str, Callable[[], None]] = {
+        v: (_without_pool(t.step) if v.endswith(NOPOOL) or args.pool == "off" else t.step) for v, t in trainers.items()
+    }
     if "plain" in trainers:   # the floor's primitives, timed in the same rounds as the steps
         fns.update(floor_primitives(trainers["plain"].params, device, trainers["plain"].opt))
     times = interleaved(fns, args.reps, args.warmup, device, seed=args.seed)
@@ -395,6 +442,13 @@ def bench_train(name: str, args: argparse.Namespace, device: torch.device) -> di
         if primitives and v != "plain":
             K = summary[v]["num_anchors"]
             T = round(summary[v]["trainable_parameters"] / summary["plain"]["trainable_parameters"])
+            if v.endswith(NOPOOL) and v.removesuffix(NOPOOL) in summary:
+                on, off = times[v.removesuffix(NOPOOL)], times[v]
+                summary[v]["pool_on_over_off"] = statistics.median(on["wall"]) / statistics.median(off["wall"])
+                summary[v]["pool_on_over_off_paired"] = statistics.median([a / b for a, b in zip(on["wall"], off["wall"])])
+                summary[v]["pool_on_over_off_cpu"] = statistics.median(on["cpu"]) / statistics.median(off["cpu"])
+                summary[v]["pool_on_over_off_cpu_paired"] = statistics.median([a / b for a, b in zip(on["cpu"], off["cpu"])])
+                summary[v]["minor_faults_pool_on_off"] = [statistics.median(on["faults"]), statistics.median(off["faults"])]
             extra = arithmetic_floor_ms(K, T, primitives["floor:read"], primitives["floor:copy"], primitives["floor:optimizer"])
             summary[v]["floor_extra_ms"] = extra
             summary[v]["floor_ratio"] = (summary["plain"]["median_ms"] + extra) / summary["plain"]["median_ms"]
@@ -428,10 +482,18 @@ def floor_primitives(params: Sequence[torch.Tensor], device: torch.device, optim
 
 
 def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """N points of a curve on one batch vs N forwards of N separate plain models (no grad)."""
+    """N points of a curve vs N separate plain models (no grad), two ways:
+
+    per call     ``curve(x, point=t)`` for N values of t on one batch: N mixes + N forwards,
+                 against N forwards (``curve_points`` / ``plain_models``);
+    evaluation   ``subspaces.evaluate_coefficients`` of the N points over ``--eval-batches``
+                 batches (loss and accuracy per point; each point mixed once for the pass),
+                 against the same metrics of the N plain models computed by hand on the same
+                 batches (``eval.curve_eval`` / ``eval.plain_eval``).
+    """
     torch.manual_seed(0)
-    model_a = build_model(name, args.img_size, args.num_classes)
-    model_b = build_model(name, args.img_size, args.num_classes)
+    model_a = build_model(name, args.img_size, args.num_classes, args.patch_size)
+    model_b = build_model(name, args.img_size, args.num_classes, args.patch_size)
     curve = ss.Bezier.connect(model_a, model_b, seed=0).to(device).eval()
     ts = torch.linspace(0, 1, args.points)
     plains = [curve.export(float(t)).to(device).eval() for t in ts]
@@ -449,14 +511,42 @@ def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> d
             for m in plains:
                 m(x)
 
-    fns = {"plain_models": plain_models, "curve_points": subspace_points, **floor_primitives(list(model_a.parameters()), device)}
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device),
+                torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)) for _ in range(args.eval_batches)]
+    coeffs = ss.point_coefficients(curve, ts.tolist())
+
+    def curve_eval() -> None:
+        with _autocast(device, args.amp):
+            ss.evaluate_coefficients(curve, coeffs, batches)
+
+    @torch.no_grad()
+    def plain_eval() -> None:   # what evaluate_coefficients computes per point and batch, for N plain models
+        nll = torch.zeros(len(plains), dtype=torch.float64)
+        correct = torch.zeros(len(plains), dtype=torch.float64)
+        with _autocast(device, args.amp):
+            for bx, by in batches:
+                for i, m in enumerate(plains):
+                    probs = torch.softmax(m(bx).float(), dim=-1)
+                    nll[i] += nll_per_example(probs, by).double().sum().cpu()
+                    correct[i] += (probs.argmax(-1) == by).double().sum().cpu()
+
+    fns = {"plain_models": plain_models, "curve_points": subspace_points, "plain_eval": plain_eval, "curve_eval": curve_eval,
+           **floor_primitives(list(model_a.parameters()), device)}
     times = interleaved(fns, args.eval_reps, 1, device, seed=args.seed)
     out = summarize(times, "plain_models")
     read, copy_ = out.pop("floor:read")["median_ms"], out.pop("floor:copy")["median_ms"]
     out["points"] = args.points
     # each point mixes the curve's 3 anchors once: at least 2 reads + 1 copy of the parameters
-    out["floor_extra_ms"] = args.points * arithmetic_floor_ms(curve.num_anchors, 0, read, copy_, 0.0)
+    mix_ms = arithmetic_floor_ms(curve.num_anchors, 0, read, copy_, 0.0)
+    out["floor_extra_ms"] = args.points * mix_ms
     out["floor_ratio"] = (out["plain_models"]["median_ms"] + out["floor_extra_ms"]) / out["plain_models"]["median_ms"]
+    ev = summarize({k: times[k] for k in ("plain_eval", "curve_eval")}, "plain_eval")
+    ev["batches"] = args.eval_batches
+    ev["floor_extra_ms"] = args.points * mix_ms   # once per point for the whole pass
+    ev["floor_ratio"] = (ev["plain_eval"]["median_ms"] + ev["floor_extra_ms"]) / ev["plain_eval"]["median_ms"]
+    out["eval"] = ev
+    del out["plain_eval"], out["curve_eval"]
     return out
 
 
@@ -528,7 +618,9 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for model, res in results.items():
         mems = res.get("memory", {})
-        for v in meta["variants"]:
+        for v in dict.fromkeys([*meta["variants"], *res.get("train", {}), *mems]):
+            if v.startswith("floor:"):
+                continue
             r, mem = res.get("train", {}).get(v), mems.get(v, {})
             if r is None and not mem:
                 continue
@@ -541,6 +633,16 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
         table.add_section()
     if table.row_count:
         console.print(table)
+    pool_rows = [(model, v, r) for model, res in results.items() for v, r in res.get("train", {}).items() if "pool_on_over_off" in r]
+    if pool_rows:
+        pools = Table(title="CPU buffer pool: step time with the pool / without it (same subspace, interleaved)")
+        for col in ("model", "variant", "ratio of medians", "paired ratio", "cpu ratio", "cpu paired ratio", "page faults on / off"):
+            pools.add_column(col, justify="left" if col in ("model", "variant") else "right")
+        for model, v, r in pool_rows:
+            on, off = r["minor_faults_pool_on_off"]
+            pools.add_row(model, v.removesuffix(NOPOOL), f"{r['pool_on_over_off']:.3f}", f"{r['pool_on_over_off_paired']:.3f}",
+                          f"{r['pool_on_over_off_cpu']:.3f}", f"{r['pool_on_over_off_cpu_paired']:.3f}", f"{on:,.0f} / {off:,.0f}")
+        console.print(pools)
     evals = Table(title=f"evaluation (no grad, eval mode, one batch of {meta['batch_size']}): {meta['eval_reps']} interleaved reps")
     for col in ("model", "workload", "median ms", "reference ms", "ratio", "paired ratio", "cpu ratio", "floor"):
         evals.add_column(col, justify="left" if col in ("model", "workload") else "right")
@@ -550,6 +652,11 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
             evals.add_row(model, f"{p['points']} curve points vs {p['points']} plain models", f"{p['curve_points']['median_ms']:.1f}",
                           f"{p['plain_models']['median_ms']:.1f}", f"{p['curve_points']['ratio']:.3f}", f"{p['curve_points']['paired_ratio']:.3f}",
                           f"{p['curve_points']['cpu_ratio']:.3f}", f"{p['floor_ratio']:.3f}" if "floor_ratio" in p else "-")
+            if "eval" in p:
+                ev = p["eval"]
+                evals.add_row(model, f"evaluate_coefficients: {p['points']} points x {ev['batches']} batches vs plain models",
+                              f"{ev['curve_eval']['median_ms']:.1f}", f"{ev['plain_eval']['median_ms']:.1f}", f"{ev['curve_eval']['ratio']:.3f}",
+                              f"{ev['curve_eval']['paired_ratio']:.3f}", f"{ev['curve_eval']['cpu_ratio']:.3f}", f"{ev['floor_ratio']:.3f}")
         if "ensemble" in res:
             e = res["ensemble"]
             evals.add_row(model, f"Ensemble of {e['members']} vs {e['members']} passes", f"{e['ensemble']['median_ms']:.1f}",
@@ -600,6 +707,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps per variant first (default: %(default)s)")
     p.add_argument("--eval-reps", type=int, default=None, help="repetitions of the eval workloads (default: --reps)")
     p.add_argument("--points", type=int, default=5, help="curve points per batch in the eval workload (default: %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="batches of the points workload's evaluation pass (evaluate_coefficients; default: %(default)s)")
+    p.add_argument("--patch-size", type=int, default=4, help="ViT patch size (default: %(default)s; 0: the model's own)")
+    p.add_argument("--pool", choices=["on", "off", "both"], default="on",
+                   help="subspaces' CPU buffer pool in the train workload: on, off, or both (each subspace variant "
+                        "again as VARIANT_nopool, interleaved; default: %(default)s)")
     p.add_argument("--members", type=int, default=3, help="ensemble members in the eval workload (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="torch.autocast dtype for forward + loss")
@@ -616,14 +729,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.variants = [v for v in args.variants.split(",") if v]
     args.workloads = [w for w in args.workloads.split(",") if w]
     for v in args.variants:
-        if v not in VARIANTS + LAYOUT_VARIANTS:
+        if v.removesuffix(NOPOOL) not in VARIANTS + LAYOUT_VARIANTS:
             p.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS + LAYOUT_VARIANTS)}")
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}: choose from {', '.join(WORKLOADS)}")
     if args.eval_reps is None:
         args.eval_reps = args.reps
-    if args.reps < 1 or args.eval_reps < 1 or args.warmup < 0:
+    if args.reps < 1 or args.eval_reps < 1 or args.warmup < 0 or args.eval_batches < 1:
         p.error("--reps and --eval-reps must be >= 1, --warmup >= 0")
     return args
 
@@ -641,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {
         "batch_size": args.batch_size, "img_size": args.img_size, "num_classes": args.num_classes, "device": str(device),
         "threads": torch.get_num_threads(), "amp": args.amp, "reps": args.reps, "warmup": args.warmup,
-        "eval_reps": args.eval_reps, "points": args.points, "members": args.members, "lr": args.lr,
+        "eval_reps": args.eval_reps, "points": args.points, "eval_batches": args.eval_batches, "patch_size": args.patch_size,
+        "pool": args.pool, "members": args.members, "lr": args.lr,
         "weight_decay": args.weight_decay, "optimizer": "torch.optim.SGD(momentum=0.9), foreach = torch default",
         "variants": args.variants, "models": args.models, "workloads": args.workloads,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),

@@ -23,6 +23,12 @@ model, the one-point-at-a-time reference.
 
 The numbers equal those of evaluating the points one at a time (same batches, same order):
 the weights are mixed by the subspace's own kernel and the BatchNorm updates are PyTorch's own.
+
+Each point's weights are mixed once per pass, not once per batch: up to ``mix_cache_bytes``
+(default :data:`MIX_CACHE_BYTES`, 1 GiB) of mixed weights are kept for the pass, and points
+beyond that budget are mixed per batch as a forward at that point would. Mixing K anchors costs
+about as much as a forward of a small batch (resnet18: 2 lerps over 45 MB), so without the cache
+N points per batch cost N mixes on top of N forwards.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ __all__ = [
 ]
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+#: default budget of mixed weights kept for one pass of :func:`bn_statistics` / :func:`evaluate_coefficients`
+MIX_CACHE_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------ coefficients
@@ -212,6 +220,30 @@ def _forward(sub: Subspace, x: Any) -> Tensor:
     return sub(x) if isinstance(x, Tensor) else sub(**x)
 
 
+class _PointRunner:
+    """Runs the subspace at coefficient vector ``i`` of ``c``: the first points whose mixed
+    weights fit in ``budget`` bytes are mixed once (:meth:`Subspace.mixed_weights`) and bound
+    for every batch; the others are mixed per call, as ``sub(x)`` at that point. Use inside
+    ``sub.weights_bound()``; both give the same bits."""
+
+    def __init__(self, sub: Subspace, c: Tensor, bind: Any, budget: int | None) -> None:
+        self.sub, self.c, self.bind = sub, c, bind
+        budget = MIX_CACHE_BYTES if budget is None else int(budget)
+        per_point = sum(a.numel() * a.element_size() for a in sub.anchor_parameters(0))
+        self.cached = max(0, min(c.shape[0], budget // per_point if per_point else c.shape[0]))
+        self.weights: dict[int, list[Any]] = {}
+
+    def __call__(self, i: int, x: Any) -> Tensor:
+        if i >= self.cached:
+            with at_coefficients(self.sub, self.c[i]):
+                return _forward(self.sub, x)
+        if i not in self.weights:
+            self.weights[i] = self.sub.mixed_weights(self.c[i])
+        self.bind(self.weights[i])
+        model = self.sub.model
+        return model(x) if isinstance(x, Tensor) else model(**x)
+
+
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, Tensor) else {k: v.to(device) for k, v in x.items()}
 
@@ -229,6 +261,7 @@ def bn_statistics(
     *,
     max_batches: int | None = None,
     progress: Any = False,
+    mix_cache_bytes: int | None = None,
 ) -> BNStates:
     """BatchNorm statistics at every one of N coefficient vectors, in one pass over ``loader``.
 
@@ -237,7 +270,8 @@ def bn_statistics(
     (the same for every point), so after the pass each point holds the sample-weighted averages
     mean = sum_b n_b mean(x_b) / sum_b n_b and var = sum_b n_b var_unbiased(x_b) / sum_b n_b, as
     :func:`subspaces.bn.update_bn` gives for that point alone. The subspace's own buffers,
-    momenta, mode and point are restored.
+    momenta, mode and point are restored. Weights are mixed once per point for the whole pass
+    (up to ``mix_cache_bytes``, default :data:`MIX_CACHE_BYTES`; see the module docstring).
     Batches: tensors, ``(x, y)`` tuples or dicts (see :func:`subspaces.bn.batch_inputs`).
     """
     _check_max_batches(max_batches)
@@ -254,7 +288,9 @@ def bn_statistics(
     total = _num_batches(loader, max_batches)
     try:
         sub.train()
-        with _swapper(sub) as swap, _progress_task(progress, "BatchNorm at every point", None if total is None else total * c.shape[0]) as advance:
+        with _swapper(sub) as swap, sub.weights_bound() as bind, \
+                _progress_task(progress, "BatchNorm at every point", None if total is None else total * c.shape[0]) as advance:
+            run = _PointRunner(sub, c, bind, mix_cache_bytes)
             for batch in _limited(loader, max_batches):
                 x = _to(batch_inputs(batch), device)
                 b = batch_weight(x, samples, seen)
@@ -263,8 +299,7 @@ def bn_statistics(
                     m.momentum = m_b
                 for i in range(c.shape[0]):
                     swap(states[i])
-                    with at_coefficients(sub, c[i]):
-                        _forward(sub, x)
+                    run(i, x)
                     advance()
                 seen += 1
                 samples += b
@@ -334,6 +369,7 @@ def evaluate_coefficients(
     ensembles: Sequence[Sequence[int]] | None = None,
     max_batches: int | None = None,
     progress: Any = False,
+    mix_cache_bytes: int | None = None,
 ) -> PointMetrics:
     """Loss and accuracy at every one of N coefficient vectors, in one pass over ``loader``.
 
@@ -342,6 +378,8 @@ def evaluate_coefficients(
     Probabilities are ``softmax(logits)`` in float32; NLL is ``-log max(p_y, tiny)`` as in
     :func:`subspaces.ensembles.evaluate`. ``ensembles``: lists of point indices whose averaged
     probabilities are scored too (e.g. ``[[i, N - 1 - i]]``: the pair (alpha, 1 - alpha)).
+    Weights are mixed once per point for the whole pass (up to ``mix_cache_bytes``, default
+    :data:`MIX_CACHE_BYTES`; see the module docstring).
     """
     _check_max_batches(max_batches)
     c = check_coefficients(sub, coeffs)
@@ -360,7 +398,9 @@ def evaluate_coefficients(
     total = _num_batches(loader, max_batches)
     sub.eval()
     try:
-        with _swapper(sub) as swap, _progress_task(progress, "evaluate every point", None if total is None else total * n) as advance:
+        with _swapper(sub) as swap, sub.weights_bound() as bind, \
+                _progress_task(progress, "evaluate every point", None if total is None else total * n) as advance:
+            run = _PointRunner(sub, c, bind, mix_cache_bytes)
             for batch in _limited(loader, max_batches):
                 x, y = _split_batch(batch)
                 x, y = _to(x, device), y.to(device)
@@ -368,8 +408,7 @@ def evaluate_coefficients(
                 for i in range(n):
                     if bn_states is not None:
                         swap(bn_states.states[i])
-                    with at_coefficients(sub, c[i]):
-                        logits = _forward(sub, x)
+                    logits = run(i, x)
                     probs = torch.softmax(logits.float(), dim=-1)
                     nll[i] += nll_per_example(probs, y).double().sum().cpu()
                     correct[i] += (probs.argmax(-1) == y).double().sum().cpu()
@@ -403,6 +442,7 @@ def evaluate_points(
     ensembles: Sequence[Sequence[int]] | None = None,
     max_batches: int | None = None,
     progress: Any = False,
+    mix_cache_bytes: int | None = None,
 ) -> dict[str, PointMetrics] | PointMetrics:
     """Evaluate N points (``points`` of the shape, or ``coefficients`` Tensor[N, K]) with BatchNorm
     recomputed at every point: one pass over ``bn_loader`` (at most ``bn_batches`` batches) for
@@ -411,7 +451,8 @@ def evaluate_points(
     ``loaders``: one loader (returns one :class:`PointMetrics`) or ``{name: loader}`` (returns
     ``{name: PointMetrics}``, e.g. ``{"train": ..., "test": ...}``). Without ``bn_loader`` the
     subspace's current BatchNorm buffers are used at every point. Identical coefficient vectors
-    are evaluated once (the curve and the segment share their ends).
+    are evaluated once (the curve and the segment share their ends). ``mix_cache_bytes``: see
+    :func:`evaluate_coefficients`.
     """
     if (points is None) == (coefficients is None):
         raise ValueError("pass either points= (of the shape) or coefficients= (Tensor[N, K]), not both / neither")
@@ -422,11 +463,13 @@ def evaluate_points(
         unique_ens = [[int(inverse[i]) for i in g] for g in ensembles]
     else:
         unique_ens = None
-    states = bn_statistics(sub, unique, bn_loader, max_batches=bn_batches, progress=progress) if bn_loader is not None else None
+    states = (bn_statistics(sub, unique, bn_loader, max_batches=bn_batches, progress=progress, mix_cache_bytes=mix_cache_bytes)
+              if bn_loader is not None else None)
     named = loaders if isinstance(loaders, dict) else {"": loaders}
     out = {}
     for name, loader in named.items():
-        metrics = evaluate_coefficients(sub, unique, loader, bn_states=states, ensembles=unique_ens, max_batches=max_batches, progress=progress)
+        metrics = evaluate_coefficients(sub, unique, loader, bn_states=states, ensembles=unique_ens, max_batches=max_batches,
+                                        progress=progress, mix_cache_bytes=mix_cache_bytes)
         metrics = metrics.select(inverse)
         metrics.ensembles = [list(map(int, g)) for g in ensembles] if ensembles else []
         out[name] = metrics

@@ -140,7 +140,25 @@ class _Pool:
         self.incoming = None
 
 
-_POOLING = hasattr(torch._C, "_storage_Use_Count")
+def _pooling_available() -> bool:
+    """Whether this torch has the one private call the CPU buffer pool needs
+    (``torch._C._storage_Use_Count``: how many tensors hold a storage, so that a buffer is
+    reused only when nothing else holds it). Without it the pool is off, visibly: a
+    RuntimeWarning says so. Results are the same either way; CPU steps are slower without it
+    (docs/performance.md). ``tests/test_bench.py`` fails if the pool is off with the call present."""
+    if callable(getattr(torch._C, "_storage_Use_Count", None)):
+        return True
+    warnings.warn(
+        "torch._C._storage_Use_Count is missing in torch " + torch.__version__ + ": subspaces' CPU buffer pool is off "
+        "(same results; CPU training steps re-allocate the mixed weights and anchor gradients every step, slower)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+#: the CPU buffer pool is used (see :class:`_Pool`); ``analysis/bench.py --pool both`` times it off
+_POOLING = _pooling_available()
 
 
 def _lerp_steps(coeffs: Tensor) -> Tensor | None:
@@ -240,11 +258,8 @@ class _Mix(torch.autograd.Function):
                 out[first + k] = flat
             return tuple(out)
         filled = [g if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)]
-        if torch.compiler.is_compiling():
-            dw = torch.cat([g.reshape(-1) for g in filled])
-        else:
-            dw = torch._C._nn.flatten_dense_tensors(filled)   # the same concatenation, in one call
-        dw = dw.to(dtype).view(shape)
+        # public torch.cat: the private torch._C._nn.flatten_dense_tensors was no faster (docs/performance.md)
+        dw = torch.cat([g.reshape(-1) for g in filled]).to(dtype).view(shape)
         if pool is not None:
             for k in needed:
                 out[first + k] = torch.mul(dw, coeffs[k], out=buffer(k))
@@ -586,16 +601,17 @@ class Subspace(nn.Module):
         return (edges[cell] + u * (edges[cell + 1] - edges[cell])).float()
 
     # ------------------------------------------------------------------ mixing and binding
-    def _mix(self, coeffs: Tensor, pieces: bool = False) -> list[Any]:
+    def _mix(self, coeffs: Tensor, pieces: bool = False, pooled: bool = True) -> list[Any]:
         """Mixed weights per group at coefficients Tensor[K] or Tensor[K, num_modules]: one flat
         tensor per group (shaped like the anchors), or with ``pieces=True`` (the forward path) a
         tuple of the group's parameter tensors, shaped, ready to bind. With ``pieces=True`` on
         CPU the weights bound now are unbound and their storage is reused when nothing else
-        holds it (see :class:`_Pool`); bind the result."""
+        holds it (see :class:`_Pool`); bind the result. ``pooled=False``: fresh storage that the
+        caller may keep (the weights of a point cached for many batches, :meth:`mixed_weights`)."""
         out: list[Any] = []
         steps = _lerp_steps(coeffs)
         pools: dict[str, _Pool] | None = None
-        if pieces and _POOLING and not torch.compiler.is_compiling():
+        if pieces and pooled and _POOLING and not torch.compiler.is_compiling():
             pools = self.__dict__.setdefault("_pools", {})
         try:
             for g in self._groups:
@@ -640,6 +656,21 @@ class Subspace(nn.Module):
                     tensor = tensor.detach()
                 for module, attr in owners:
                     module.__dict__[attr] = tensor
+
+    @torch.no_grad()
+    def mixed_weights(self, coeffs: Tensor) -> list[Any]:
+        """The weights at coefficients ``coeffs`` (Tensor[K]), detached, in fresh storage: mixed
+        once, to be run on many batches with :meth:`weights_bound` (no mixing per batch). The
+        same kernels as a forward at that point, so the same bits."""
+        return [tuple(t.detach() for t in group) for group in self._mix(coeffs, pieces=True, pooled=False)]
+
+    @contextlib.contextmanager
+    def weights_bound(self) -> Iterator[Callable[[list[Any]], None]]:
+        """Context yielding ``bind(weights)``, which binds :meth:`mixed_weights` into the wrapped
+        model: ``sub.model(x)`` then runs at that point without mixing. The weights bound last
+        stay bound after the context, as a forward's do, until the next forward replaces them
+        (nothing else of the pass is kept; a forward inside the context still mixes, as always)."""
+        yield lambda weights: self._bind(weights)
 
     def forward(self, *args: Any, point: Point | None = None, **kwargs: Any) -> Any:
         mixed = self._mix(self._coeffs_for(point), pieces=True)

@@ -96,3 +96,141 @@ def test_arithmetic_floor_counts_reads_copies_and_optimiser_steps(bench):
     assert bench.arithmetic_floor_ms(2, 2, read_ms=1.0, copy_ms=10.0, optimizer_ms=100.0) == 131.0
     # simplex of 3 -> 2 reads + 1 copy + 3 copies + 2 optimiser steps
     assert bench.arithmetic_floor_ms(3, 3, read_ms=1.0, copy_ms=10.0, optimizer_ms=100.0) == 242.0
+
+
+def test_points_workload_times_the_evaluation_pass_too(bench, tmp_path):
+    out = bench.main(["--models", "test_resnet", "--batch-size", "4", "--img-size", "32", "--eval-reps", "1", "--points", "3",
+                      "--eval-batches", "2", "--threads", "1", "--device", "cpu", "--workloads", "points"])
+    ev = out["results"]["test_resnet"]["points"]["eval"]
+    assert ev["batches"] == 2 and ev["floor_ratio"] > 1
+    for key in ("curve_eval", "plain_eval"):
+        assert _positive(ev[key]["median_ms"]) and _positive(ev[key]["ratio"])
+
+
+def test_pool_both_times_every_subspace_without_the_pool_too(bench):
+    out = bench.main(["--models", "test_resnet", "--variants", "plain,line", "--workloads", "train", "--pool", "both",
+                      "--batch-size", "4", "--reps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"])
+    train = out["results"]["test_resnet"]["train"]
+    assert {"plain", "line", "line_nopool"} <= set(train)
+    assert _positive(train["line_nopool"]["pool_on_over_off"]) and train["line_nopool"]["num_anchors"] == 2
+
+
+# ---------------------------------------------------------------------------------------- the CPU buffer pool
+def _line_steps(steps: int = 2):
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import subspaces as ss
+
+    torch.manual_seed(0)
+    line = ss.Line(timm.create_model("test_resnet", num_classes=10), seed=0).train()
+    opt = torch.optim.SGD(line.parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    pointers = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(line(x), y).backward()
+        opt.step()
+        pointers.append({name: pool.storages[-1].data_ptr() for name, pool in line.__dict__.get("_pools", {}).items() if -1 in pool.storages})
+    return line, pointers
+
+
+def test_the_buffer_pool_is_on_and_reuses_the_mixed_weights_between_steps():
+    """Fails when the pooled fast path silently stops being taken (issue 15, item 4)."""
+    import torch
+
+    from subspaces import subspace as core
+
+    assert callable(getattr(torch._C, "_storage_Use_Count", None)), "this torch lacks the call the pool needs: see docs/performance.md"
+    assert core._POOLING, "torch has _storage_Use_Count but the pool is off"
+    line, pointers = _line_steps(3)
+    assert pointers[0], "no pooled mixed weights after a CPU training step: the pooled path was not taken"
+    assert pointers[1] == pointers[2], "the pool handed out fresh storage although nothing else held the last one"
+    module, _, attr = line.subspace_parameter_names()[0].rpartition(".")
+    bound = dict(line.model.named_modules())[module].__dict__[attr]   # what the model runs with is the pooled storage
+    assert bound.untyped_storage().data_ptr() in set(pointers[2].values())
+
+
+def test_a_torch_without_the_pool_call_warns_and_turns_the_pool_off(monkeypatch):
+    import torch
+
+    from subspaces import subspace as core
+
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    with pytest.warns(RuntimeWarning, match="buffer pool is off"):
+        assert core._pooling_available() is False
+    monkeypatch.setattr(core, "_POOLING", False)
+    _, pointers = _line_steps(2)   # still trains, without pooled buffers
+    assert pointers == [{}, {}]
+
+
+# ---------------------------------------------------------------------------------------- points mixed once per pass
+def test_evaluation_mixes_each_point_once_per_pass_with_the_same_bits(monkeypatch):
+    import timm
+    import torch
+
+    import subspaces as ss
+    from subspaces.subspace import Subspace
+
+    torch.manual_seed(0)
+    curve = ss.Bezier.connect(timm.create_model("test_resnet", num_classes=10), timm.create_model("test_resnet", num_classes=10), seed=0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 10, (3,), generator=g)) for _ in range(3)]
+    coeffs = ss.point_coefficients(curve, [0.0, 0.3, 0.7, 1.0])
+    calls = []
+    original = Subspace._mix
+    monkeypatch.setattr(Subspace, "_mix", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    states = ss.bn_statistics(curve, coeffs, batches)
+    cached = ss.evaluate_coefficients(curve, coeffs, batches, bn_states=states)
+    assert len(calls) == 2 * 4   # 4 points, once each per pass (BN pass, evaluation pass), not once per batch
+    calls.clear()
+    states_b = ss.bn_statistics(curve, coeffs, batches, mix_cache_bytes=0)
+    per_batch = ss.evaluate_coefficients(curve, coeffs, batches, bn_states=states_b, mix_cache_bytes=0)
+    assert len(calls) == 2 * 4 * 3   # no budget: mixed per batch, as before
+    assert torch.equal(cached.loss, per_batch.loss) and torch.equal(cached.acc, per_batch.acc)
+    for a, b in zip(states.states, states_b.states):
+        for name in a:
+            for buf in a[name]:
+                assert torch.equal(a[name][buf], b[name][buf])
+    with curve.at(0.3):   # after the passes forwards still mix as before
+        curve.eval()(batches[0][0])
+
+
+# ---------------------------------------------------------------------------------------- loop bench and GPU check
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "analysis" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"subspaces_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loop_bench_times_trainer_and_minimal_loop(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    loop = _load("loop_bench")
+    out = loop.main(["--models", "test_resnet", "--reps", "1", "--warmup", "0", "--train-size", "8", "--batch-size", "4",
+                     "--device", "cpu", "--diagnose", "--output", str(tmp_path / "loop.json")])
+    res = json.loads((tmp_path / "loop.json").read_text())["results"]["test_resnet"]
+    assert out["meta"]["steps_per_epoch"] == 2
+    assert set(res["trainer_over_minimal"]) == {"plain", "line", "plain (cached unwrap)", "line (cached unwrap)"}
+    for r in res["trainer_over_minimal"].values():
+        assert _positive(r["ratio"]) and _positive(r["cpu_ratio"])
+
+
+def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    check = _load("gpu_check")
+    out_path = tmp_path / "gpu.json"
+    check.main(["--cpu", "--output", str(out_path)])
+    data = json.loads(out_path.read_text())
+    assert data["meta"]["mode"] == "cpu dry run"
+    for part in ("step_bench", "trainer_sync", "compile"):
+        assert data[part].get("error") is None, data[part].get("traceback")
+    assert set(data["step_bench"]["models"]) == {"test_resnet", "test_vit"}
+    for res in data["step_bench"]["models"].values():
+        assert set(res["targets"]) == {"connect", "line", "simplex"} and _positive(res["line"]["ratio"])
+    assert data["trainer_sync"]["counted"] is False and data["trainer_sync"]["steps"] == 4
+    comp = data["compile"]
+    assert comp["met"] and comp["new_frames_after_warmup"] == 0 and comp["points_drawn"] == comp["steps"]

@@ -1,0 +1,271 @@
+"""Benchmark: what does the training loop itself cost? ``Trainer`` epochs against a minimal loop.
+
+For every model (``--models``) this builds, in ONE process, four runners on the same synthetic
+data (``--train-size`` examples of ``--img-size`` px, ``--batch-size``) and the same model init:
+
+    trainer:plain   ``subspaces.Trainer`` (``Trainer.create(TrainConfig(...))``) on the plain model
+    minimal:plain   a plain accelerate loop written out below: ``create_optimizer_v2`` (SGD with
+                    momentum, as the Trainer), timm's cosine scheduler stepped per update,
+                    ``model(x)``, cross-entropy, ``accelerator.backward``, ``optimizer.step``,
+                    ``zero_grad(set_to_none=True)``
+    trainer:line    the Trainer on ``ss.Line(model)``
+    minimal:line    the minimal loop on ``ss.Line(model)``: its forward draws a fresh point per
+                    step; with ``--beta`` the same cos^2 regulariser is added in both loops
+
+and times one epoch each (the Trainer's ``_train_epoch``: the loop, its device-side loss /
+accuracy / non-finite bookkeeping, its log-interval check-in and epoch-end reduction; neither
+loop evaluates or checkpoints). After ``--warmup`` epochs of every runner they are interleaved
+(``for rep: for runner in shuffled(runners): one epoch``), so slow phases of a shared machine hit
+all alike. Reported: median / quartiles of wall and process CPU time per epoch, and the ratio
+of medians trainer / minimal per model and variant (also the median of paired per-round ratios).
+
+    OMP_NUM_THREADS=2 python analysis/loop_bench.py --models test_resnet,resnet18 --reps 30 --output loop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import subspaces as ss
+from subspaces.data import DataBundle, make_loader
+from subspaces.preemption import StopSignals
+from subspaces.regularizers import cosine_penalty
+
+VARIANTS = ("plain", "line")
+
+
+def synthetic_data(n: int, img_size: int, num_classes: int, in_chans: int = 3, seed: int = 0) -> DataBundle:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_chans, img_size, img_size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    ds = TensorDataset(x, y)
+    return DataBundle(train=ds, eval=ds, holdout=None, bn=ds, num_classes=num_classes, in_chans=in_chans,
+                      img_size=img_size, mean=(0.0,) * in_chans, std=(1.0,) * in_chans)
+
+
+def build_model(name: str, num_classes: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def wrap(model: nn.Module, variant: str) -> nn.Module:
+    return copy.deepcopy(model) if variant == "plain" else ss.Line(model, seed=2)
+
+
+class MinimalLoop:
+    """The plain accelerate loop the Trainer is measured against (same settings as its config)."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, config: ss.TrainConfig) -> None:
+        self.accelerator = Accelerator(cpu=config.cpu or not torch.accelerator.is_available(), mixed_precision=config.mixed_precision,
+                                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                                       step_scheduler_with_optimizer=False)
+        optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum)
+        loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=config.sched, num_epochs=config.epochs,
+                                                step_on_epochs=False, updates_per_epoch=len(self.loader))
+        self.beta = config.beta
+        self.sub = model if isinstance(model, ss.Subspace) else None
+        self.updates = 0
+
+    def epoch(self, epoch: int) -> None:
+        self.model.train()
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        for x, y in self.loader:
+            loss = F.cross_entropy(self.model(x), y)
+            if self.beta and self.sub is not None:
+                loss = loss + self.beta * cosine_penalty(self.sub)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            self.scheduler.step_update(num_updates=self.updates)
+
+
+class _CachedUnwrap(ss.Trainer):
+    """Diagnosis (``--diagnose``): the Trainer with ``unwrapped`` cached by this benchmark, a
+    check that the Trainer's own cache (unwrapped once after ``prepare``) leaves nothing to gain:
+    accelerate's ``unwrap_model`` looks for DeepSpeed and compiled regions on every call
+    (``importlib`` lookups, a walk over the modules, ~0.1 ms), so the two rows should agree."""
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        cached = self.__dict__.get("_unwrapped_cache")
+        if cached is None or cached[0] is not self.model:
+            cached = (self.model, self.accelerator.unwrap_model(self.model))
+            self.__dict__["_unwrapped_cache"] = cached
+        return cached[1]
+
+
+class TrainerLoop:
+    """``subspaces.Trainer`` set up as ``fit`` does; one unit is one ``_train_epoch``."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, config: ss.TrainConfig, output: Path, cls: type = ss.Trainer) -> None:
+        self.trainer = cls.create(config, model, data, output=output)
+        self.trainer._setup()
+        self.signals = StopSignals(announce=False)   # not entered: never requested
+
+    def epoch(self, epoch: int) -> None:
+        self.trainer._train_epoch(epoch, self.signals)
+
+
+def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, t in times.items():
+        q = statistics.quantiles(t["wall"], n=4) if len(t["wall"]) >= 2 else [t["wall"][0]] * 3
+        out[k] = {"median_s": statistics.median(t["wall"]), "p25_s": q[0], "p75_s": q[2], "min_s": min(t["wall"]),
+                  "cpu_median_s": statistics.median(t["cpu"]), "reps": len(t["wall"])}
+    ratios = {}
+    for v in VARIANTS:
+        for prefix in ("trainer", "trainer_cached_unwrap"):
+            _ratio(ratios, f"{v}" if prefix == "trainer" else f"{v} (cached unwrap)", times.get(f"{prefix}:{v}"), times.get(f"minimal:{v}"))
+    out["trainer_over_minimal"] = ratios
+    return out
+
+
+def _ratio(ratios: dict[str, Any], key: str, a: dict[str, list[float]] | None, b: dict[str, list[float]] | None) -> None:
+    if a is None or b is None:
+        return
+    ratios[key] = {
+        "ratio": statistics.median(a["wall"]) / statistics.median(b["wall"]),
+        "paired_ratio": statistics.median([x / y for x, y in zip(a["wall"], b["wall"])]),
+        "cpu_ratio": statistics.median(a["cpu"]) / statistics.median(b["cpu"]),
+        "cpu_paired_ratio": statistics.median([x / y for x, y in zip(a["cpu"], b["cpu"])]),
+    }
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    data = synthetic_data(args.train_size, args.img_size, args.num_classes)
+    config = ss.TrainConfig(epochs=args.warmup + args.reps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            momentum=0.9, sched="cosine", beta=args.beta, cpu=args.device == "cpu", log_interval=args.log_interval,
+                            mixed_precision=args.mixed_precision, seed=0)
+    base = build_model(name, args.num_classes)
+    runners: dict[str, Callable[[int], None]] = {}
+    for v in args.variants:
+        runners[f"trainer:{v}"] = TrainerLoop(wrap(base, v), data, config, workdir / f"{name}-{v}").epoch
+        runners[f"minimal:{v}"] = MinimalLoop(wrap(base, v), data, config).epoch
+        if args.diagnose:
+            runners[f"trainer_cached_unwrap:{v}"] = TrainerLoop(wrap(base, v), data, config, workdir / f"{name}-{v}-c", _CachedUnwrap).epoch
+    for epoch in range(args.warmup):
+        for fn in runners.values():
+            fn(epoch)
+    times = {k: {"wall": [], "cpu": []} for k in runners}
+    order, rng = list(runners), random.Random(args.seed)
+    for rep in range(args.reps):
+        rng.shuffle(order)
+        for k in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            runners[k](args.warmup + rep)
+            t1, c1 = time.perf_counter(), time.process_time()
+            times[k]["wall"].append(t1 - t0)
+            times[k]["cpu"].append(c1 - c0)
+    out = summarize(times)
+    out["steps_per_epoch"] = -(-args.train_size // args.batch_size)
+    return out
+
+
+def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"one epoch ({meta['steps_per_epoch']} steps of batch {meta['batch_size']}, {meta['img_size']}px, "
+                        f"{meta['threads']} threads), {meta['reps']} interleaved reps after {meta['warmup']} warm-up")
+    for col in ("model", "variant", "trainer s", "minimal s", "ratio", "paired ratio", "cpu ratio"):
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    for model, res in results.items():
+        for key, r in res["trainer_over_minimal"].items():
+            v = key.split(" ")[0]
+            runner = "trainer_cached_unwrap" if "cached" in key else "trainer"
+            table.add_row(model, key, f"{res[f'{runner}:{v}']['median_s']:.3f}", f"{res[f'minimal:{v}']['median_s']:.3f}",
+                          f"{r['ratio']:.3f}", f"{r['paired_ratio']:.3f}", f"{r['cpu_ratio']:.3f}")
+    Console(width=160).print(table)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="test_resnet,resnet18", help="comma-separated timm names (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=256, help="examples per epoch (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--reps", type=int, default=20, help="timed epochs per runner, interleaved (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.0, help="cos^2 regulariser of the line in both loops (default: none)")
+    p.add_argument("--log-interval", type=int, default=50, help="the Trainer's check-in interval (default: TrainConfig's)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: $OMP_NUM_THREADS or torch's)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time the Trainer with accelerate's unwrap_model read once instead of every step")
+    p.add_argument("--no-trim", action="store_true",
+                   help="re-run with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB): "
+                        "no page faults from the heap shrinking and growing again every step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if not set(args.variants) <= set(VARIANTS):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1, --warmup >= 0")
+    return args
+
+
+#: glibc settings of ``--no-trim``: keep freed heap memory instead of handing it back to the kernel
+NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.no_trim and argv is None and any(os.environ.get(k) != v for k, v in NO_TRIM_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **NO_TRIM_ENV})   # glibc reads them at start
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    meta = {k: getattr(args, k) for k in ("models", "variants", "batch_size", "img_size", "train_size", "reps", "warmup", "lr",
+                                          "weight_decay", "beta", "log_interval", "mixed_precision", "device", "diagnose")}
+    meta.update(threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch=torch.__version__,
+                malloc_env={k: os.environ.get(k) for k in NO_TRIM_ENV},
+                python=platform.python_version(), cpu_count=os.cpu_count(), steps_per_epoch=-(-args.train_size // args.batch_size),
+                loadavg_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                command=" ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else None)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="loop_bench_") as tmp:
+        for name in args.models:
+            results[name] = bench_model(name, args, Path(tmp))
+    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print_table(results, meta)
+    out = {"meta": meta, "results": results}
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
