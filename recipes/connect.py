@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     g.add_argument("--bends", type=int, default=None, help="polygonal chain bends (default 1)")
     g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="t sampling (default: uniform per forward)")
     g.add_argument("--same-point", action="store_true", help="under DDP, the same t on every rank")
-    g.add_argument("--align", action="store_true",
+    g.add_argument("--align", action=argparse.BooleanOptionalAction, default=False,
                    help="permute B's hidden units to match A first (weight matching; B's function unchanged); details in alignment.json")
     config.add_data_args(p)
     config.add_optim_args(p, lr=0.015, epochs=20, sched="garipov", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G] fitted curves")

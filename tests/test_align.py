@@ -3,6 +3,8 @@ matching undoes a random permutation exactly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,19 @@ def test_connect_align_recipe_fits_the_curve_between_aligned_ends(tmp_path):
     end = load_subspace(out)
     aligned_end = end.anchor(end.num_anchors - 1)
     assert parameter_distance(a, aligned_end) < parameter_distance(a, b)
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs" / "align").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_alignment_presets_are_valid_configs_of_their_recipe(preset):
+    """Every key of a GPU preset is a flag of the recipe it names (train.py or connect.py)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, recipe_env
+
+    recipe = "connect.py" if preset.stem.endswith("_connect") else "train.py"
+    ends = ["a", "b"] if recipe == "connect.py" else []
+    res = subprocess.run([sys.executable, str(REPO / "recipes" / recipe), *ends, "-c", str(preset), "--help"], cwd=REPO,
+                         env=recipe_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
