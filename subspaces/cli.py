@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -72,6 +73,7 @@ def run(job: Callable[[], Any]) -> int:
     3: a non-finite loss (the last good checkpoint is kept);
     75: stopped by SIGTERM / SIGINT with a checkpoint to resume from (EX_TEMPFAIL: run it again).
     """
+    show_messages()
     try:
         job()
     except Preempted as err:
@@ -83,6 +85,19 @@ def run(job: Callable[[], Any]) -> int:
     except OSError as err:
         return _fail(err, 1)
     return 0
+
+
+def show_messages() -> None:
+    """Send the library's messages (``logging`` under "subspaces", INFO, the main process only
+    through accelerate's logger) to stdout as plain lines, unless the program configured them."""
+    log = logging.getLogger("subspaces")
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _fail(err: BaseException, status: int, prefix: str = "error") -> int:

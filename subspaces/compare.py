@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from accelerate.logging import get_logger
 
 from .bn import update_bn
 from .claims import check_claims, render_claims
@@ -58,6 +59,8 @@ from .io import load_model, load_subspace, write_json
 from .snapshots import list_snapshots, swa_average
 from .run_folder import describe_input, prepare_run, write_run_config
 from .training import build_data_and_model
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 __all__ = [
     "JOB_KEYS", "METHODS", "OFFSETS", "ROW_ORDER", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting", "add_compare_args",
@@ -198,7 +201,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         jobs = args.jobs or default_jobs(args.threads, local)
         torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
         data, _, spec = build_data_and_model(args)
-        acc.print(describe_input(spec))
+        logger.info(describe_input(spec))
         plan = make_plan(args, len(data.train))
         if acc.is_main_process:
             check_protocol(out, protocol_of(args))

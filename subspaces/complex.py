@@ -43,6 +43,7 @@ from rich.table import Table
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from accelerate.logging import get_logger
 
 from .config import read_config, save_config, validate_common_args
 from .data import make_loader
@@ -53,6 +54,8 @@ from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
 from .run_folder import prepare_run
 from .training import Trainer, bn_loader, build_data_for_spec
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 #: coordinates below this count as zero when deciding which simplex holds a point
 SUPPORT_TOL = 1e-6
@@ -365,7 +368,7 @@ def train_shared_vertices(args: argparse.Namespace, modes: Sequence[nn.Module], 
         stage = out / f"shared{v}"
         if (stage / "complex.safetensors").exists():
             sub = load_complex(stage)
-            accelerator.print(f"shared vertex {v} already trained, reused from {stage}")
+            logger.info(f"shared vertex {v} already trained, reused from {stage}")
             continue
         if sub is None:
             sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + 100_003 * accelerator.process_index,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from accelerate.logging import get_logger
 
 from .align import align, example_batch
 from .config import ConfigError, validate_common_args
@@ -14,6 +15,8 @@ from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
 from .run_folder import prepare_run
 from .training import Trainer, build_data_for_spec, finish_run
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
 def validate_connect_args(args: argparse.Namespace) -> None:
@@ -62,7 +65,7 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
         trainer = Trainer(args, curve, data, spec, run.accelerator, run.out, make_scheduler=make_scheduler)
         status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
         if not status["finished"]:
-            run.accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
+            logger.info(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
             return {"finished": False}
         title = f"{args.curve} between {args.model_a} and {args.model_b}"
         return {"finished": True, "results": finish_run(trainer, title)}

@@ -29,10 +29,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from filelock import FileLock, Timeout
+from accelerate.logging import get_logger
 
 from .config import RESOLVED_KEY, save_config
 from .errors import ConfigError
 from .train_config import TrainConfig
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 LOCK_NAME = ".lock"
 OWNER_NAME = ".lock.owner"
@@ -137,7 +140,7 @@ class Run:
         """Print the resolved input (``spec``: the model spec of :mod:`subspaces.io`) and write
         ``config.yaml`` (:func:`write_run_config`)."""
         if spec is not None:
-            self.accelerator.print(describe_input(spec))
+            logger.info(describe_input(spec))
         if self.accelerator.is_main_process:
             write_run_config(self.args, self.out, spec)
 

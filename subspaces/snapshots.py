@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from accelerate.logging import get_logger
 
 from .bn import update_bn
 from .config import ConfigError
@@ -41,6 +42,8 @@ from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
 from .run_folder import describe_input, make_accelerator, prepare_run, write_run_config
 from .training import Trainer, build_data_and_model, build_data_for_spec, results_table
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 METHODS = ("fge", "sse")
 SNAPSHOT_DIR = "snapshots"
@@ -272,7 +275,7 @@ def train_snapshots(
     def make_scheduler(optimizer: torch.optim.Optimizer, upe: int) -> Any:
         if method == "fge" and not resume:   # a resumed run loads its own optimiser state afterwards
             loaded["optimizer"] = load_optimizer_state(optimizer, optimizer_state)
-            acc.print(loaded["optimizer"])
+            logger.info(loaded["optimizer"])
         return schedule(optimizer)
 
     bn_loader = make_loader(data.bn, args.batch_size, shuffle=False)
@@ -335,15 +338,15 @@ def run_fge(args: argparse.Namespace) -> dict[str, Any]:
         upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
         cycle = cycle_iterations("fge", upe, args.cycle, args.cycle_iters)
         validate_cycle("fge", cycle, args.epochs * upe)
-        accelerator.print(describe_input(spec))
+        logger.info(describe_input(spec))
         model = copy.deepcopy(start)
-        accelerator.print(f"FGE from {model_path}: {args.epochs} epochs x {upe} iterations, cycle {cycle} iterations "
+        logger.info(f"FGE from {model_path}: {args.epochs} epochs x {upe} iterations, cycle {cycle} iterations "
                           f"(lr {args.lr_max:g} -> {args.lr_min:g} -> {args.lr_max:g}), snapshots at mod(i, {cycle}) = {cycle // 2}")
         res = train_snapshots("fge", args, model, data, spec, out, cycle=cycle, lr_max=args.lr_max, lr_min=args.lr_min,
                               optimizer_state=opt_path, accelerator=accelerator, info={"start": str(model_path)},
                               train_epochs=args.stop_after_epochs)
         if not res["finished"]:
-            accelerator.print(f"stopped after epoch {res['trainer'].history[-1]['epoch'] if res['trainer'].history else 0}; continue with --resume {out}")
+            logger.info(f"stopped after epoch {res['trainer'].history[-1]['epoch'] if res['trainer'].history else 0}; continue with --resume {out}")
             return {"finished": False}
         if not accelerator.is_main_process:
             return {"finished": True}
@@ -362,13 +365,13 @@ def run_sse(args: argparse.Namespace) -> dict[str, Any]:
         upe = updates_per_epoch(len(data.train), args.batch_size, accelerator.num_processes, args.grad_accum_steps)
         cycle = cycle_iterations("sse", upe, args.cycle, args.cycle_iters)
         validate_cycle("sse", cycle, args.epochs * upe)
-        accelerator.print(describe_input(spec))
-        accelerator.print(f"SSE: {args.epochs} epochs x {upe} iterations, cosine from {lr_max:g} restarted every {cycle} iterations, "
+        logger.info(describe_input(spec))
+        logger.info(f"SSE: {args.epochs} epochs x {upe} iterations, cosine from {lr_max:g} restarted every {cycle} iterations, "
                           f"{args.epochs * upe // cycle} snapshots")
         res = train_snapshots("sse", args, model, data, spec, out, cycle=cycle, lr_max=lr_max, accelerator=accelerator,
                               train_epochs=args.stop_after_epochs)
         if not res["finished"]:
-            accelerator.print(f"stopped; continue with --resume {out}")
+            logger.info(f"stopped; continue with --resume {out}")
             return {"finished": False}
         if not accelerator.is_main_process:
             return {"finished": True}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from accelerate.logging import get_logger
 
 from .config import ConfigError, save_config, validate_common_args
 from .data import make_loader
@@ -23,6 +24,8 @@ from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
 from .run_folder import prepare_run
 from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
 def validate_spro_args(args: argparse.Namespace) -> None:
@@ -47,7 +50,7 @@ def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerato
         stage = out / f"vertex{v}"
         if (stage / "subspace.safetensors").exists():
             sub = load_subspace(stage)  # type: ignore[assignment]
-            accelerator.print(f"simplex {index}: vertex {v} already trained, reused from {stage}")
+            logger.info(f"simplex {index}: vertex {v} already trained, reused from {stage}")
             continue
         if sub is None:
             seed = args.seed + 1000 * index + 100_003 * accelerator.process_index

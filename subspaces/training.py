@@ -44,19 +44,21 @@ from rich.table import Table
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
+from accelerate.logging import get_logger
 
 from .bn import update_bn
 from .config import validate_common_args
-from .errors import ConfigError, NonFiniteLossError, Preempted
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
 from .preemption import StopSignals
 from .run_folder import make_accelerator, prepare_run
 from .io import SHAPES, file_digest, save_export, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace, layout_for
 from .train_config import TrainConfig
+
+logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -457,7 +459,7 @@ class Trainer:
             start, self.updates = progress["epoch"], progress["updates"]
             position = progress.get("within_epoch")
             where = f"epoch {start + 1}, step {position['step']}" if position else f"epoch {start}"
-            acc.print(f"resumed from {ckpt} after {where}")
+            logger.info(f"resumed from {ckpt} after {where}")
             if acc.is_main_process and metrics_path.exists():
                 lines = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln) <= start]
                 metrics_path.write_text("".join(ln + "\n" for ln in lines))
@@ -723,6 +725,6 @@ def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, 
         trainer = Trainer(args, net, data, spec, run.accelerator, run.out)
         status = trainer.fit(resume=bool(args.resume), train_epochs=getattr(args, "stop_after_epochs", None))
         if not status["finished"]:
-            run.accelerator.print(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
+            logger.info(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
             return {"finished": False}
         return {"finished": True, "results": finish_run(trainer, title)}
