@@ -21,6 +21,7 @@ Run folder::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import hashlib
 import json
@@ -213,6 +214,33 @@ def points_to_evaluate(sub: Subspace, final: bool) -> dict[str, Callable[[], nn.
 
 
 # ---------------------------------------------------------------------------------------- progress
+@dataclass
+class _PendingLosses:
+    """The steps since the last check-in: ``buffer[:count]`` on the device holds each step's loss
+    times its batch size; the host keeps each step's update number and batch size (for the
+    message naming a non-finite loss). ``first_step``: the epoch's step number of ``buffer[0]``."""
+
+    buffer: torch.Tensor
+    first_step: int
+    count: int = 0
+    updates: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    def add(self, weighted_loss: torch.Tensor, update: int, size: int) -> None:
+        self.buffer[self.count] = weighted_loss   # one device copy, no host read
+        self.count += 1
+        self.updates.append(update)
+        self.sizes.append(size)
+
+    def values(self) -> torch.Tensor:
+        return self.buffer[: self.count]
+
+    def clear(self, next_step: int) -> None:
+        self.first_step, self.count = next_step, 0
+        self.updates.clear()
+        self.sizes.clear()
+
+
 class _Progress:
     """Rich progress bar on a terminal (main process only); plain lines every N steps otherwise.
 
@@ -507,10 +535,11 @@ class Trainer:
     def _train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
         """One epoch, from batch ``position["step"]`` on when resuming a stopped one.
 
-        The step has no host synchronisation: loss, accuracy and a non-finite flag (with the
-        first bad step, update and value) accumulate on the device and are read every
-        ``log_interval`` steps and at the epoch's end, together with the stop requests of all
-        ranks (one small all-reduce under DDP).
+        The step has no host synchronisation: each step's loss (times its batch size) is written
+        into a device buffer and the correct predictions are summed on the device; every
+        ``log_interval`` steps and at the epoch's end the buffer is checked for non-finite values
+        (naming the first bad step, update and value), added to the epoch's sum and read together
+        with the stop requests of all ranks (one small all-reduce under DDP).
         """
         a, acc = self.args, self.accelerator
         self.model.train()
@@ -527,16 +556,15 @@ class Trainer:
             loss_sum += position["loss_sum"]
             correct += int(position["correct"])
             seen, elapsed_before = int(position["seen"]), float(position["seconds"])
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        bad_update = torch.full((), -1, dtype=torch.long, device=device)
-        bad_value = torch.zeros((), device=device)
         samples = max(1, getattr(a, "samples_per_step", 1))
         interval = max(1, a.log_interval)
+        pending = _PendingLosses(torch.zeros(interval, device=device), first + 1)
+        accumulate = (lambda: acc.accumulate(self.model)) if a.grad_accum_steps > 1 else contextlib.nullcontext
         bar = _Progress(acc, total, epoch, a.epochs, interval, start=first)
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
-                with acc.accumulate(self.model):
+                with accumulate():
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
                         acc.backward(self._loss(self.model(x), y) / samples)
                     logits = self.model(x)
@@ -546,11 +574,7 @@ class Trainer:
                     if reg is not None:
                         loss = loss + reg.to(loss.dtype)
                     logged = loss if samples == 1 else data_loss + (reg.to(data_loss.dtype) if reg is not None else 0)
-                    detached = loss.detach()
-                    newly_bad = ~torch.isfinite(detached) & (bad_step < 0)
-                    bad_value = torch.where(newly_bad, detached.float(), bad_value)
-                    bad_update = torch.where(newly_bad, self.updates + 1, bad_update)
-                    bad_step = torch.where(newly_bad, step, bad_step)
+                    pending.add(logged.detach().float() * y.shape[0], self.updates + 1, y.shape[0])   # the last point's loss and the regulariser
                     acc.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -560,7 +584,6 @@ class Trainer:
                     if self.on_update is not None:
                         self.on_update(self, self.updates)
                 self.examples_seen += y.shape[0]
-                loss_sum += logged.detach().float() * y.shape[0]   # the last point's loss and the regulariser
                 correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
                 bar.advance(step)
@@ -568,7 +591,7 @@ class Trainer:
                 local_stop = acc.num_processes == 1 and signals.requested is not None
                 if not (at_interval or local_stop):
                     continue
-                stop, mean_loss, accuracy = self._check_in(epoch, step, signals, bad_step, bad_update, bad_value, loss_sum, correct, seen)
+                stop, mean_loss, accuracy = self._check_in(epoch, step, signals, pending, loss_sum, correct, seen)
                 if at_interval:
                     lr = self.optimizer.param_groups[0]["lr"]
                     rate = (seen - (position["seen"] if position and acc.is_main_process else 0)) * acc.num_processes
@@ -589,27 +612,35 @@ class Trainer:
             "samples_per_s": totals[2] / elapsed, "seconds": elapsed,
         })
 
-    def _check_in(self, epoch: int, step: int, signals: StopSignals, bad_step: torch.Tensor, bad_update: torch.Tensor,
-                  bad_value: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[bool, float, float]:
+    def _check_in(self, epoch: int, step: int, signals: StopSignals, pending: _PendingLosses, loss_sum: torch.Tensor,
+                  correct: torch.Tensor, seen: int) -> tuple[bool, float, float]:
         """The loop's one host synchronisation per log interval: raise NonFiniteLossError if a loss
-        since the last check was NaN / infinite on any rank; return whether any rank was asked to
-        stop, and this rank's mean loss and accuracy so far (for the progress line)."""
+        since the last check was NaN / infinite on any rank; else add the pending losses to
+        ``loss_sum`` (in place) and return whether any rank was asked to stop, and this rank's mean
+        loss and accuracy so far (for the progress line)."""
         acc = self.accelerator
+        losses = pending.values()
+        bad = ~torch.isfinite(losses)
+        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
         stop = torch.full((), float(signals.requested is not None), device=acc.device)
-        flags = torch.stack([(bad_step >= 0).float(), stop])
+        flags = torch.stack([bad.any().float(), stop])
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
-        any_bad, any_stop, loss_total, correct_total = torch.cat([flags, loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
+        loss_sum += torch.where(bad.any(), 0.0, losses.sum())
+        any_bad, any_stop, index, loss_total, correct_total = torch.cat(
+            [flags, first_bad.reshape(1).float(), loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
         if any_bad:
-            local_step, local_update, value = int(bad_step), int(bad_update), float(bad_value)
             done = _checkpoint_dir(self.output, verify=False)
             kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
-            if local_step >= 0:
+            if index >= 0:
+                local_step, local_update = pending.first_step + int(index), pending.updates[int(index)]
+                value = float(losses[int(index)]) / max(1, pending.sizes[int(index)])
                 where = f"loss is {value} at epoch {epoch + 1}, step {local_step} (update {local_update})"
             else:
                 where = f"loss is NaN or infinite on another rank in epoch {epoch + 1}, by step {step}"
             raise NonFiniteLossError(f"{where}, found at the check of step {step}: the run stopped; {kept}. "
                                      "Lower --lr, or try --mixed-precision no / bf16")
+        pending.clear(step + 1)
         return bool(any_stop), loss_total / max(seen, 1), correct_total / max(seen, 1)
 
     def _stop_within_epoch(self, epoch: int, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
