@@ -137,7 +137,7 @@ class Run:
     accelerator: Accelerator
 
     def record(self, spec: dict[str, Any] | None = None) -> None:
-        """Print the resolved input (``spec``: the model spec of :mod:`subspaces.io`) and write
+        """Log the resolved input (``spec``: the model spec of :mod:`subspaces.io`) and write
         ``config.yaml`` (:func:`write_run_config`)."""
         if spec is not None:
             logger.info(describe_input(spec))
