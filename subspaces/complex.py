@@ -40,15 +40,13 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from accelerate.logging import get_logger
 
 from .config import read_config, save_config, validate_common_args
 from .data import make_loader
 from .errors import CheckpointError, ConfigError
-from .io import atomic_path, create_model, file_digest, load_model, write_json
+from .io import create_model, load_model, load_weights_into, write_json, write_weights
 from .pointwise import evaluate_points
 from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
@@ -208,15 +206,9 @@ class SimplicialComplex(Subspace):
 # ---------------------------------------------------------------------------------------- files
 def save_complex(sub: SimplicialComplex, path: str | Path, spec: dict[str, Any]) -> Path:
     """Write ``path``.safetensors (the state_dict) and ``path``.json (model spec, modes, shared, frozen)."""
-    path = Path(path).with_suffix(".safetensors")
-    state = {k: v.detach().contiguous().cpu() for k, v in sub.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        digest = file_digest(tmp)
     info = {"modes": sub.modes, "shared": sub.shared, "frozen": [k for k in range(sub.num_anchors) if not sub.anchor_trainable(k)],
             "include": sub.include, "exclude": sub.exclude}
-    write_json({**spec, "kind": "complex", "complex": info, "weights": digest}, path.with_suffix(".json"))
-    return path
+    return write_weights(sub, path, {**spec, "kind": "complex", "complex": info})
 
 
 def load_complex(path: str | Path) -> SimplicialComplex:
@@ -235,18 +227,9 @@ def load_complex(path: str | Path) -> SimplicialComplex:
         raise CheckpointError(f"{spec_path} is not a complex's spec ({type(err).__name__}: {err}): truncated or of another kind?") from None
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: the stage was not finished; run it again with --resume")
-    if spec.get("weights") and file_digest(path) != spec["weights"]:
-        raise CheckpointError(f"{path} is truncated or corrupted: its size / SHA-256 differ from those in {spec_path}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
     sub = SimplicialComplex(create_model(spec), modes=modes, shared=shared, include=info.get("include"),
                             exclude=info.get("exclude"), init=lambda m: None)
-    try:
-        sub.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} does not fit a complex of {spec['model']}: {str(err).splitlines()[0]}") from None
+    load_weights_into(sub, path, spec, spec_path, f"a complex of {spec['model']}")
     for k in info.get("frozen", []):
         sub.freeze_anchor(k)
     sub.spec = spec  # type: ignore[assignment]
@@ -405,8 +388,8 @@ def run_complex(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(str(err)) from None
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
-        run.record(dict(modes[0].spec))
         spec = dict(modes[0].spec)
+        run.record(spec)
         data = build_data_for_spec(args, spec, modes[0])
         sub = train_shared_vertices(args, modes, data, spec, accelerator, out)
         if not accelerator.is_main_process:

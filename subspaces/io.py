@@ -173,15 +173,33 @@ def _create_from(spec: dict[str, Any], spec_path: Path) -> nn.Module:
         raise CheckpointError(f"{spec_path}: cannot create {spec['model']} from this spec: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any]) -> Path:
-    """Write a plain model as ``path`` (.safetensors) and its spec as the same name with .json."""
+def write_weights(module: nn.Module, path: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """``path``.safetensors: ``module``'s state_dict, written atomically; ``path``.json: ``record``
+    plus, under ``"weights"``, that file's size and SHA-256 (checked by :func:`load_weights_into`)."""
     path = Path(path).with_suffix(".safetensors")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
         digest = file_digest(tmp)
-    write_json({**spec, "kind": "model", "weights": digest}, path.with_suffix(".json"))
+    write_json({**record, "weights": digest}, path.with_suffix(".json"))
     return path
+
+
+def load_weights_into(module: nn.Module, path: Path, spec: dict[str, Any], spec_path: Path, what: str) -> None:
+    """Load the safetensors file ``path`` into ``module`` (strict), after checking it against the
+    size and SHA-256 that ``spec`` (read from ``spec_path``) records; CheckpointError names the
+    file and ``what`` it should have fitted (e.g. "a resnet18") when it does not."""
+    state = _load_tensors(path)
+    _check_digest(path, spec, spec_path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} does not fit {what}: {str(err).splitlines()[0]}") from None
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, spec: dict[str, Any]) -> Path:
+    """Write a plain model as ``path`` (.safetensors) and its spec as the same name with .json."""
+    return write_weights(model, path, {**spec, "kind": "model"})
 
 
 TIMM_CONFIG = "config.json"
@@ -275,13 +293,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
         spec = _timm_folder_spec(path)
         _check_spec(spec, spec_path)
         model = _create_from(spec, spec_path)
-        weights = path / TIMM_WEIGHTS
-        state = _load_tensors(weights)
-        _check_digest(weights, spec, spec_path)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{weights} does not fit a {spec['model']}: {str(err).splitlines()[0]}") from None
+        load_weights_into(model, path / TIMM_WEIGHTS, spec, spec_path, f"a {spec['model']}")
         model.spec = spec  # type: ignore[assignment]
         return model
     spec_path = path.with_suffix(".json")
@@ -290,12 +302,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     if spec.get("kind") == "subspace":
         raise CheckpointError(f"{path} is a subspace, not a plain model: load it with load_subspace, or pass an export (exports/centre.safetensors)")
     model = _create_from(spec, spec_path)
-    state = _load_tensors(path)
-    _check_digest(path, spec, spec_path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit a {spec['model']}: {str(err).splitlines()[0]}") from None
+    load_weights_into(model, path, spec, spec_path, f"a {spec['model']}")
     model.spec = spec  # type: ignore[assignment]
     return model
 
@@ -338,13 +345,7 @@ def subspace_spec(sub: Subspace) -> dict[str, Any]:
 
 def save_subspace(sub: Subspace, path: str | os.PathLike, spec: dict[str, Any]) -> Path:
     """Write a subspace (anchors, shared weights, buffers, generator state) and its spec."""
-    path = Path(path).with_suffix(".safetensors")
-    state = {k: v.detach().contiguous().cpu() for k, v in sub.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        digest = file_digest(tmp)
-    write_json({**spec, "kind": "subspace", "subspace": subspace_spec(sub), "weights": digest}, path.with_suffix(".json"))
-    return path
+    return write_weights(sub, path, {**spec, "kind": "subspace", "subspace": subspace_spec(sub)})
 
 
 def load_subspace(path: str | os.PathLike) -> Subspace:
@@ -373,12 +374,7 @@ def load_subspace(path: str | os.PathLike) -> Subspace:
                   exclude=info.get("exclude"), layout=info.get("layout", "flat"), init=lambda m: None)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{spec_path}: cannot build its {info['shape']}: {str(err).splitlines()[0]}") from None
-    state = _load_tensors(path)
-    _check_digest(path, spec, spec_path)
-    try:
-        sub.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} does not fit a {info['shape']} of {spec['model']}: {str(err).splitlines()[0]}") from None
+    load_weights_into(sub, path, spec, spec_path, f"a {info['shape']} of {spec['model']}")
     for k in info.get("frozen", []):
         sub.freeze_anchor(k)
     sub.spec = spec  # type: ignore[assignment]

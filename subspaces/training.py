@@ -621,12 +621,13 @@ class Trainer:
         acc = self.accelerator
         losses = pending.values()
         bad = ~torch.isfinite(losses)
-        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
+        any_local = bad.any()
+        first_bad = torch.where(any_local, bad.int().argmax(), -1)
         stop = torch.full((), float(signals.requested is not None), device=acc.device)
-        flags = torch.stack([bad.any().float(), stop])
+        flags = torch.stack([any_local.float(), stop])
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
-        loss_sum += torch.where(bad.any(), 0.0, losses.sum())
+        loss_sum += torch.where(any_local, 0.0, losses.sum())
         any_bad, any_stop, index, loss_total, correct_total = torch.cat(
             [flags, first_bad.reshape(1).float(), loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
         if any_bad:
