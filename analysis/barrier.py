@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 
 DATASETS = ("train", "test")
 

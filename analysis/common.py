@@ -25,7 +25,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
 from subspaces import cli  # noqa: E402
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 from subspaces.io import CheckpointError, load_subspace, write_json  # noqa: E402
 from subspaces.subspace import Subspace  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
 import plane  # noqa: E402
 from subspaces.complex import load_complex  # noqa: E402
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 from subspaces.shapes import Simplex  # noqa: E402
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 
 import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 
 N_BINS = 15
 #: compare rows that are one network (the others average members' probabilities)
@@ -119,7 +119,7 @@ def _read_json(path: Path) -> Any:
 def open_compare(folder: str, replicate: int) -> Compare:
     """The compare run in ``folder`` with replicate ``replicate`` evaluated; ConfigError if it is not one."""
     from subspaces.compare import SEED_STRIDE, aggregate
-    from subspaces.config import read_config
+    from subspaces.run_folder import read_config
 
     root = Path(folder)
     if not root.exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

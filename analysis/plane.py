@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 import common  # noqa: E402  (the sibling module, found because a script's own folder is searched first)
-from subspaces.config import ConfigError  # noqa: E402
+from subspaces.errors import ConfigError  # noqa: E402
 
 METRICS = ("test_error", "test_loss", "train_loss", "train_error")
 A, THETA, B = 0, 1, 2   # anchor order of the plane's subspace

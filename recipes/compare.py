@@ -23,7 +23,8 @@ import argparse
 import sys
 
 from subspaces import cli, config
-from subspaces.compare import add_compare_args
+from subspaces.compare import run_compare
+from subspaces.settings import CompareConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,19 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_data_args(p)
     config.add_optim_args(p, lr=0.05, epochs=20, sched="cosine", wd=5e-4)
     config.add_run_args(p, output="runs/compare")
-    add_compare_args(p)
+    config.add_compare_args(p)
     p.set_defaults(model="test_resnet", train_subset=10000, eval_subset=10000, batch_size=64, bn_batches=10)
     return p
 
 
 def main(argv=None) -> int:
     p = build_parser()
-    args = cli.parse(p, argv)
-    for name in ("train_subset", "eval_subset"):
-        if getattr(args, name) == 0:     # 0: the whole split
-            setattr(args, name, None)
-    from subspaces.compare import run_compare
-
+    args = cli.parse(p, argv, CompareConfig)
     return cli.run(lambda: run_compare(args))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from subspaces import cli, config
 from subspaces.complex import run_complex
+from subspaces.settings import ComplexConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis" / "complex.py"
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def figure(args: argparse.Namespace) -> int:
+def figure(args: ComplexConfig) -> int:
     """The plane figure, drawn by analysis/complex.py in a child process (matplotlib stays out of training)."""
     cmd = [sys.executable, str(ANALYSIS), args.output, "--grid", str(args.grid), "--bn-batches", str(args.bn_batches),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
@@ -59,7 +60,7 @@ def figure(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = cli.parse(build_parser(), argv)
+    args = cli.parse(build_parser(), argv, ComplexConfig)
     status = cli.run(lambda: run_complex(args))
     if status == 0 and args.grid > 0 and os.environ.get("RANK", "0") == "0":
         status = figure(args)

@@ -13,9 +13,11 @@ import argparse
 import sys
 
 from subspaces import cli, config
+from subspaces.connect import run_connect
+from subspaces.settings import ConnectConfig
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_a", help="first network: a run folder or a .safetensors export")
     p.add_argument("model_b", help="second network (same architecture)")
@@ -32,9 +34,11 @@ def main(argv=None) -> int:
     config.add_run_args(p, output="runs/connect")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
     p.set_defaults(dataset=None)
-    args = cli.parse(p, argv)
-    from subspaces.connect import run_connect
+    return p
 
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv, ConnectConfig)
     return cli.run(lambda: run_connect(args))
 
 

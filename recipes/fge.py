@@ -17,23 +17,24 @@ import argparse
 import sys
 
 from subspaces import cli, config
-from subspaces.snapshots import add_snapshot_args
+from subspaces.settings import FGEConfig
+from subspaces.snapshots import run_fge
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help="trained network: a run folder of recipes/train.py, or a .safetensors export")
-    add_snapshot_args(p, "fge")
+    config.add_snapshot_args(p, "fge")
     config.add_data_args(p)
     config.add_optim_args(p, lr=0.05, epochs=4, sched="none", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G]'s FGE")
     config.add_run_args(p, output="runs/fge")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
     p.set_defaults(dataset=None)
-    args = cli.parse(p, argv)
-    if args.checkpoint is None:
-        p.exit(2, f"{p.prog}: error: give the trained network to start from (a run folder), or --resume DIR\n")
-    from subspaces.snapshots import run_fge
+    return p
 
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv, FGEConfig)
     return cli.run(lambda: run_fge(args))
 
 

@@ -14,9 +14,11 @@ import argparse
 import sys
 
 from subspaces import cli, config
+from subspaces.settings import SPROConfig
+from subspaces.spro import run_spro
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="trained networks: run folders or .safetensors exports")
     g = p.add_argument_group("simplex")
@@ -27,9 +29,11 @@ def main(argv=None) -> int:
     config.add_optim_args(p, lr=0.01, epochs=10, sched="cosine", wd=5e-4)
     config.add_run_args(p, output="runs/simplex")
     p.set_defaults(dataset=None)
-    args = cli.parse(p, argv)
-    from subspaces.spro import run_spro
+    return p
 
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv, SPROConfig)
     return cli.run(lambda: run_spro(args))
 
 

@@ -11,20 +11,23 @@ import argparse
 import sys
 
 from subspaces import cli, config
-from subspaces.snapshots import add_snapshot_args
+from subspaces.settings import SSEConfig
+from subspaces.snapshots import run_sse
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_model_args(p)
-    add_snapshot_args(p, "sse")
+    config.add_snapshot_args(p, "sse")
     config.add_data_args(p)
     config.add_optim_args(p, lr=0.05, epochs=12, sched="none", wd=5e-4)
     config.add_run_args(p, output="runs/sse")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    args = cli.parse(p, argv)
-    from subspaces.snapshots import run_sse
+    return p
 
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv, SSEConfig)
     return cli.run(lambda: run_sse(args))
 
 

@@ -9,9 +9,11 @@ import argparse
 import sys
 
 from subspaces import cli, config
+from subspaces.settings import TrainRunConfig
+from subspaces.training import run_training
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_model_args(p)
     config.add_data_args(p)
@@ -19,11 +21,12 @@ def main(argv=None) -> int:
     config.add_subspace_args(p)
     config.add_run_args(p, output="runs/train")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    args = cli.parse(p, argv)
-    from subspaces.training import run_training
+    return p
 
-    title = f"{args.model} on {args.dataset}: " + ("standard training" if args.subspace == "none" else f"{args.subspace} from scratch")
-    return cli.run(lambda: run_training(args, title))
+
+def main(argv=None) -> int:
+    args = cli.parse(build_parser(), argv, TrainRunConfig)
+    return cli.run(lambda: run_training(args))
 
 
 if __name__ == "__main__":

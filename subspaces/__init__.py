@@ -15,8 +15,21 @@ from .regularizers import cosine_penalty, log_volume
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
 from .snapshots import list_snapshots, load_optimizer_state, swa_average, train_snapshots
 from .subspace import Subspace, layout_for
-from .train_config import TrainConfig
-from .training import Trainer
+from .settings import (
+    ComplexConfig,
+    CompareConfig,
+    ConnectConfig,
+    DataConfig,
+    FGEConfig,
+    ModelConfig,
+    RunConfig,
+    SPROConfig,
+    SSEConfig,
+    SubspaceConfig,
+    TrainConfig,
+    TrainRunConfig,
+)
+from .training import Trainer, run_training
 
 __all__ = [
     "SimplicialComplex",
@@ -27,7 +40,18 @@ __all__ = [
     "PolyChain",
     "Simplex",
     "Subspace",
+    "CompareConfig",
+    "ComplexConfig",
+    "ConnectConfig",
+    "DataConfig",
+    "FGEConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SPROConfig",
+    "SSEConfig",
+    "SubspaceConfig",
     "TrainConfig",
+    "TrainRunConfig",
     "Trainer",
     "at_coefficients",
     "batchnorm_modules",
@@ -47,6 +71,7 @@ __all__ = [
     "subspace_points",
     "swa_average",
     "train_snapshots",
+    "run_training",
     "update_bn",
 ]
 

@@ -15,12 +15,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from .config import RESOLVED_KEY, parse_with_config, read_config
+from .config import parse_with_config
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
+from .run_folder import RESOLVED_KEY, read_config
+from .settings import Settings
+
+S = TypeVar("S", bound=Settings)
 
 #: exit status of a run stopped by SIGTERM / SIGINT that can be resumed (sysexits' EX_TEMPFAIL)
 PREEMPTED_STATUS = 75
@@ -29,34 +33,49 @@ PREEMPTED_STATUS = 75
 _JOB_FLAGS = ("resume", "stop_after_epochs", "log_interval", "cpu")
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags (with ``-c FILE.yaml``); with ``--resume DIR`` the run's own config.yaml wins."""
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, settings: type[S] | None = None) -> Any:
+    """Parse flags (with ``-c FILE.yaml``); with ``--resume DIR`` the run's own config.yaml wins.
+
+    With ``settings`` (a recipe's settings class: every flag is one of its fields; a field
+    without a flag is set from the YAML file or keeps its default) the result is an instance of
+    it, validated: a value that cannot work exits with status 2 and one line naming the flag.
+    Without, the plain ``argparse.Namespace`` (the analysis scripts)."""
+    valid = settings.field_names() if settings is not None else None
     try:
-        args = parse_with_config(p, argv)
+        args = parse_with_config(p, argv, valid)
     except ConfigError as err:
         p.exit(2, f"{p.prog}: error: {one_line(err)}\n")
-    if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
-        cfg = run_dir / "config.yaml"
-        if not run_dir.is_dir():
-            p.exit(2, f"{p.prog}: error: --resume {args.resume}: no such folder\n")
-        if not cfg.exists():
-            p.exit(2, f"{p.prog}: error: --resume {args.resume}: no config.yaml there; is it a run folder?\n")
-        try:
-            saved = read_config(str(cfg))
-            if not isinstance(saved, dict):
-                raise ValueError("it does not hold a mapping of flag names to values")
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            p.exit(2, f"{p.prog}: error: --resume {args.resume}: cannot read {cfg}: {one_line(err)}\n")
-        saved.pop(RESOLVED_KEY, None)
-        foreign = sorted(key for key in saved if not hasattr(args, key))
-        if foreign:
-            p.exit(2, f"{p.prog}: error: --resume {args.resume}: {cfg} has keys this recipe does not know "
-                      f"({', '.join(foreign[:4])}): is it a run of another recipe?\n")
-        for key, value in saved.items():
-            if key not in _JOB_FLAGS and hasattr(args, key):
-                setattr(args, key, value)
-    return args
+    values = vars(args)
+    if values.get("resume"):
+        values.update(_saved_settings(p, args.resume, valid if valid is not None else set(values)))
+    if settings is None:
+        return args
+    try:
+        return settings(**values)
+    except ConfigError as err:
+        p.exit(2, f"{p.prog}: error: {one_line(err)}\n")
+
+
+def _saved_settings(p: argparse.ArgumentParser, folder: str, valid: set[str]) -> dict[str, Any]:
+    """The settings a stopped run saved in ``folder/config.yaml``, less the job's own flags."""
+    run_dir = Path(folder)
+    cfg = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        p.exit(2, f"{p.prog}: error: --resume {folder}: no such folder\n")
+    if not cfg.exists():
+        p.exit(2, f"{p.prog}: error: --resume {folder}: no config.yaml there; is it a run folder?\n")
+    try:
+        saved = read_config(str(cfg))
+        if not isinstance(saved, dict):
+            raise ValueError("it does not hold a mapping of flag names to values")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        p.exit(2, f"{p.prog}: error: --resume {folder}: cannot read {cfg}: {one_line(err)}\n")
+    saved.pop(RESOLVED_KEY, None)
+    foreign = sorted(key for key in saved if key not in valid)
+    if foreign:
+        p.exit(2, f"{p.prog}: error: --resume {folder}: {cfg} has keys this recipe does not know "
+                  f"({', '.join(foreign[:4])}): is it a run of another recipe?\n")
+    return {key: value for key, value in saved.items() if key not in _JOB_FLAGS}
 
 
 def one_line(err: BaseException | str) -> str:

@@ -32,7 +32,6 @@ and in ``results.md``, ``results.json``, ``results.csv`` in OUTPUT. The plan is
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -58,12 +57,13 @@ from .errors import ConfigError
 from .io import load_model, load_subspace, write_json
 from .snapshots import list_snapshots, swa_average
 from .run_folder import describe_input, prepare_run, write_run_config
+from .settings import CompareConfig
 from .training import build_data_and_model
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 __all__ = [
-    "JOB_KEYS", "METHODS", "OFFSETS", "ROW_ORDER", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting", "add_compare_args",
+    "JOB_KEYS", "METHODS", "OFFSETS", "ROW_ORDER", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting",
     "aggregate", "check_protocol", "evaluate_replicate", "make_plan", "protocol_of", "row_rank", "run_compare",
 ]
 
@@ -82,7 +82,7 @@ def _metrics(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(m[k]) for k in ("acc", "nll", "ece", "brier")}
 
 
-def evaluate_replicate(args: argparse.Namespace, plan: Plan, data: DataBundle, root: Path) -> dict[str, Any]:
+def evaluate_replicate(args: CompareConfig, plan: Plan, data: DataBundle, root: Path) -> dict[str, Any]:
     """Metrics of every method at every budget for one replicate: {row: {"kB": {metrics, members, cost}}}.
 
     Every network is evaluated with BatchNorm recomputed at its own weights (snapshots were saved so).
@@ -183,17 +183,9 @@ def check_protocol(out: Path, protocol: dict[str, Any]) -> None:
         raise ConfigError(f"{out} holds a compare run with other settings ({shown}); use another --output or the same settings")
 
 
-def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+def run_compare(args: CompareConfig) -> dict[str, Any]:
     """The whole of ``recipes/compare.py``: plan, train or reuse every member, evaluate, write results."""
     t_start = time.perf_counter()
-    if args.stop_after_runs is not None and args.stop_after_runs < 0:
-        raise ConfigError(f"--stop-after-runs must be >= 0, got {args.stop_after_runs}")
-    if args.eval_batch_size < 1:
-        raise ConfigError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    if args.threads < 1:
-        raise ConfigError(f"--threads (torch threads per member) must be >= 1, got {args.threads}")
-    if args.jobs < 0:
-        raise ConfigError(f"--jobs must be >= 0 (0: as many as the cores allow at --threads each), got {args.jobs}")
     with prepare_run(args) as run:
         acc, out = run.accelerator, run.out
         world = acc.num_processes
@@ -263,33 +255,3 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             console.print(ln.replace("**", ""), markup=False)
         log(f"wrote {out / 'results.md'}, results.json, results.csv; wall time {wall:.0f} s")
         return {"finished": True, "table": table, "claims": claims}
-
-
-def add_compare_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("protocol")
-    g.add_argument("--seeds", type=int, default=1, help="replicates of the whole protocol; the table reports mean ± std (default: %(default)s)")
-    g.add_argument("--budgets", default="1,2,3", help="budgets as multiples of B = --epochs (default: %(default)s)")
-    g.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s; ind always runs)")
-    g.add_argument("--fge-pretrain", type=float, default=0.8, help="FGE starts from Ind network 0 at this fraction of B ([G]: 0.8)")
-    g.add_argument("--fge-cycle", type=float, default=None, help="FGE cycle in epochs (default: four cycles in the FGE part of 1B)")
-    g.add_argument("--fge-cycle-iters", type=int, default=None, help="FGE cycle in iterations, instead of --fge-cycle")
-    g.add_argument("--fge-lr-max", type=float, default=0.025, help="FGE alpha1 (default: %(default)s)")
-    g.add_argument("--fge-lr-min", type=float, default=0.0005, help="FGE alpha2, at the snapshots (default: %(default)s)")
-    g.add_argument("--sse-cycle", type=float, default=None, help="SSE cycle in epochs (default: B/2, two snapshots per B)")
-    g.add_argument("--sse-cycle-iters", type=int, default=None, help="SSE cycle in iterations, instead of --sse-cycle")
-    g.add_argument("--sse-lr-max", type=float, default=None, help="SSE learning rate at each restart (default: --lr)")
-    g.add_argument("--subspace-budgets", default="1", help="budgets (multiples of B) at which a line / simplex is trained (default: %(default)s)")
-    g.add_argument("--line-beta", type=float, default=1.0, help="cos^2 regulariser of the line [W] (default: %(default)s)")
-    g.add_argument("--simplex-vertices", type=int, default=3, help="vertices of the simplex from scratch (default: %(default)s)")
-    g.add_argument("--simplex-beta", type=float, default=1.0, help="cos^2 regulariser of the simplex (default: %(default)s)")
-    g.add_argument("--samples", type=int, default=5, help="points per subspace ensemble (default: %(default)s)")
-    g.add_argument("--espro-vertices", type=int, default=3, help="vertices of each ESPRO simplex, its Ind network included (default: %(default)s)")
-    g.add_argument("--spro-epochs", type=int, default=1, help="SPRO epochs per added vertex (default: %(default)s)")
-    g.add_argument("--spro-lr", type=float, default=0.01, help="SPRO learning rate, cosine per vertex ([B]: 0.01; default: %(default)s)")
-    g.add_argument("--spro-samples-per-step", type=int, default=1, help="SPRO points per batch ([B]: 5; each counts in the cost; default: %(default)s)")
-    g.add_argument("--spro-volume-lambda", type=float, default=1e-6, help="SPRO volume regulariser on [B]'s scale ([B]: 1e-6; default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=500, help="batch size of the evaluation passes (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads per member (default: %(default)s)")
-    g.add_argument("--jobs", type=int, default=0, help="members trained at once by each process, in worker processes (default: 0 = the "
-                                                      "cores divided by --threads and by the processes of this machine; 1 in one process: in-process)")
-    g.add_argument("--stop-after-runs", type=int, default=None, help="stop (resumably) after training this many member runs in this job")

@@ -8,15 +8,14 @@ nothing here trains or reads a file, so a plan is testable without training (doc
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .settings import METHODS, CompareConfig
 from .snapshots import cycle_iterations, updates_per_epoch, validate_cycle
 
-METHODS = ("ind", "sse", "fge", "swa", "line", "layerwise", "simplex", "espro")
 #: flags that describe the job, not the protocol: a restarted compare may change them
 JOB_KEYS = ("seeds", "output", "resume", "stop_after_runs", "log_interval", "workers", "eval_batch_size", "cpu", "config",
             "threads", "jobs")
@@ -77,7 +76,7 @@ def budget_list(text: str, what: str) -> list[int]:
     return sorted(set(values))
 
 
-def make_plan(args: argparse.Namespace, num_train: int) -> Plan:
+def make_plan(args: CompareConfig, num_train: int) -> Plan:
     """Validate the protocol's flags and derive its numbers; ConfigError names what is wrong.
 
     Every member trains in a process of its own, so the updates per epoch are those of one
@@ -152,7 +151,7 @@ def make_plan(args: argparse.Namespace, num_train: int) -> Plan:
                 fge_cycle=fge_cycle, fge_epochs=fge_epochs, sse_cycle=sse_cycle, sse_epochs=sse_epochs, notes=notes, **espro)
 
 
-def accounting(plan: Plan, args: argparse.Namespace) -> list[str]:
+def accounting(plan: Plan, args: CompareConfig) -> list[str]:
     """The budget accounting, one line per method (printed and written to results.md)."""
     Bi, u = plan.budget_iters, plan.upe
     ks = ", ".join(f"{k}B" for k in plan.budgets)
@@ -189,5 +188,6 @@ def accounting(plan: Plan, args: argparse.Namespace) -> list[str]:
     return lines + plan.notes
 
 
-def protocol_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in JOB_KEYS}
+def protocol_of(args: CompareConfig) -> dict[str, Any]:
+    """The settings that decide the comparison's results (all but the job's, :data:`JOB_KEYS`)."""
+    return {k: v for k, v in sorted(args.to_dict().items()) if k not in JOB_KEYS}

@@ -10,8 +10,6 @@ files. Every member trains alone, so the plan is the same under any launcher.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import os
 import shutil
@@ -27,13 +25,13 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from .compare_plan import OFFSETS, Plan
-from .config import save_config
 from .data import DataBundle
 from .errors import ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .io import load_model, save_model, write_json
 from .snapshots import is_finished, train_snapshots
 from .spro import grow_simplex
-from .run_folder import make_accelerator
+from .run_folder import make_accelerator, save_config
+from .settings import CompareConfig, SPROConfig
 from .training import Trainer, create_timm_model, finish_run, save_checkpoint, wrap_subspace
 
 #: environment variables of a distributed launch: a member's worker process must not see them,
@@ -45,24 +43,6 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
 def log(msg: str) -> None:
     print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
-
-
-def _member_args(args: argparse.Namespace, folder: Path, seed: int, epochs: int, subspace: str = "none", **extra: Any) -> argparse.Namespace:
-    m = copy.copy(args)
-    m.output, m.seed, m.epochs, m.subspace = str(folder), seed, epochs, subspace
-    m.degree = m.bends = None
-    m.vertices = extra.pop("vertices", None)
-    m.layerwise = extra.pop("layerwise", False)
-    m.same_point = False
-    m.sampling, m.include, m.exclude = "global", None, None
-    m.beta, m.volume_lambda = extra.pop("beta", 0.0), 0.0
-    m.beta_params, m.volume_form, m.samples_per_step = "weights", "benton", 1
-    m.eval_every = 10**9          # evaluate once, after the last epoch
-    m.resume = None
-    m.stop_after_epochs = None
-    for k, v in extra.items():
-        setattr(m, k, v)
-    return m
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -90,13 +70,13 @@ class Task:
 class Runner:
     """Trains (or reuses) the members of one replicate (seed) of the protocol."""
 
-    def __init__(self, args: argparse.Namespace, plan: Plan, data: DataBundle, spec: dict[str, Any], root: Path, seed: int) -> None:
+    def __init__(self, args: CompareConfig, plan: Plan, data: DataBundle, spec: dict[str, Any], root: Path, seed: int) -> None:
         self.args, self.plan, self.data, self.spec, self.root, self.seed = args, plan, data, spec, root, seed
 
     def standard(self, name: str, seed: int, epochs: int, subspace: str = "none", on_update: Any = None, **extra: Any) -> None:
         """Train a plain network or a shape from scratch into ``root/name`` (resuming its checkpoint)."""
         folder = self.root / name
-        margs = _member_args(self.args, folder, seed, epochs, subspace, **extra)
+        margs = self.args.member(str(folder), seed=seed, epochs=epochs, subspace=subspace, **extra)
         folder.mkdir(parents=True, exist_ok=True)
         acc = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
@@ -140,7 +120,7 @@ class Runner:
         p, a = self.plan, self.args
         seed = self.seed + OFFSETS[method]
         epochs = p.fge_epochs if method == "fge" else p.sse_epochs
-        margs = _member_args(a, folder, seed, epochs)
+        margs = a.member(str(folder), seed=seed, epochs=epochs)
         acc = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
         resume = _has_checkpoint(folder)
@@ -161,12 +141,13 @@ class Runner:
     def spro(self, j: int) -> None:
         """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
         p, folder = self.plan, self.root / f"spro{j}"
-        margs = _member_args(self.args, folder, self.seed + OFFSETS["espro"], p.spro_epochs, "simplex",
-                             vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0, volume_lambda=self.args.spro_volume_lambda,
-                             samples_per_step=p.spro_samples_per_step)
+        base = self.root / f"ind{j}" / "model.safetensors"
+        margs = self.args.member(str(folder), SPROConfig, seed=self.seed + OFFSETS["espro"], epochs=p.spro_epochs, checkpoints=[str(base)],
+                                 vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0,
+                                 volume_lambda=self.args.spro_volume_lambda, samples_per_step=p.spro_samples_per_step)
         folder.mkdir(parents=True, exist_ok=True)
         log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
-        grow_simplex(margs, str(self.root / f"ind{j}" / "model.safetensors"), folder, make_accelerator(margs, project_dir=folder), j)
+        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j)
 
     def tasks(self, replicate: int) -> list[Task]:
         """The members of this replicate in the order they start, each after the members it starts from."""
@@ -336,7 +317,7 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
 
 def _start_worker(runner: Runner, task: Task, claims: Path) -> tuple[subprocess.Popen, Any, float, Path]:
     spec = claims / f"{task.replicate}.{task.name}.json"
-    write_json({"args": vars(runner.args), "replicate": task.replicate, "seed": runner.seed, "root": str(runner.root),
+    write_json({"args": runner.args.to_dict(), "replicate": task.replicate, "seed": runner.seed, "root": str(runner.root),
                 "task": task.name}, spec)
     log_path = runner.log_path(task.name)
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ and exits with the recipes' statuses (2 bad input, 1 a failed read or write, 3 a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,12 +16,13 @@ import torch
 
 from . import cli
 from .compare import Runner, make_plan
+from .settings import CompareConfig
 from .training import build_data_and_model
 
 
 def train_member(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    args = argparse.Namespace(**spec["args"])
+    args = CompareConfig.from_mapping(spec["args"], what=spec_path)
     torch.set_num_threads(max(1, int(args.threads)))
     data, _, model_spec = build_data_and_model(args)
     plan = make_plan(args, len(data.train))

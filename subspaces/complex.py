@@ -29,8 +29,7 @@ term (its simplices are edges mode_i - shared_0, whose length the term would onl
 
 from __future__ import annotations
 
-import argparse
-import copy
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -43,14 +42,14 @@ from rich.table import Table
 from torch import Tensor, nn
 from accelerate.logging import get_logger
 
-from .config import read_config, save_config, validate_common_args
 from .data import make_loader
 from .errors import CheckpointError, ConfigError
 from .io import create_model, load_model, load_weights_into, write_json, write_weights
 from .pointwise import evaluate_points
 from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
-from .run_folder import prepare_run
+from .run_folder import prepare_run, read_config, save_config
+from .settings import POINT_SEED_STRIDE, ComplexConfig
 from .training import Trainer, bn_loader, build_data_for_spec
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
@@ -237,22 +236,6 @@ def load_complex(path: str | Path) -> SimplicialComplex:
 
 
 # ---------------------------------------------------------------------------------------- the recipe
-def validate_complex_args(args: argparse.Namespace) -> None:
-    """ConfigError for flags of recipes/complex.py that cannot work."""
-    if len(args.checkpoints) < 2:
-        raise ConfigError(f"got {len(args.checkpoints)} trained network(s): a complex joins at least 2 modes; pass 2 or more run folders")
-    for flag in ("shared", "samples", "ensemble_members"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.volume_lambda < 0:
-        raise ConfigError(f"--volume-lambda must be >= 0, got {args.volume_lambda}")
-    if getattr(args, "grid", 0) < 0:
-        raise ConfigError(f"--grid must be >= 0 (0: no figure), got {args.grid}")
-    if args.mode_epochs is not None and args.mode_epochs <= 0:
-        raise ConfigError(f"--mode-epochs must be > 0, got {args.mode_epochs}")
-    validate_common_args(args)
-
-
 def mode_epochs(paths: Sequence[str], override: float | None) -> float | None:
     """B, the epochs of one mode: ``override``, else the ``epochs`` of the first mode's run folder
     config.yaml (None when the modes are bare .safetensors files without one)."""
@@ -342,7 +325,7 @@ def _train_seconds(stage: Path) -> float:
     return total
 
 
-def train_shared_vertices(args: argparse.Namespace, modes: Sequence[nn.Module], data: Any, spec: dict[str, Any],
+def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data: Any, spec: dict[str, Any],
                           accelerator: Any, out: Path) -> SimplicialComplex:
     """Grow the complex one shared vertex at a time; stage ``out/shared{v}`` is resumable and,
     once finished (``complex.safetensors`` written), reused as it is."""
@@ -354,15 +337,13 @@ def train_shared_vertices(args: argparse.Namespace, modes: Sequence[nn.Module], 
             logger.info(f"shared vertex {v} already trained, reused from {stage}")
             continue
         if sub is None:
-            sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + 100_003 * accelerator.process_index,
+            sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + POINT_SEED_STRIDE * accelerator.process_index,
                                             layout=layout_for(args.opt, args.layer_decay))
         else:
             sub.add_shared_vertex()
         stage.mkdir(parents=True, exist_ok=True)
-        stage_args = copy.copy(args)
-        stage_args.output = str(stage)
-        if v == 0:   # [B]: the first connector's simplices are edges; the volume term starts with the second
-            stage_args.volume_lambda = 0.0
+        # [B]: the first connector's simplices are edges; the volume term starts with the second
+        stage_args = dataclasses.replace(args, output=str(stage), volume_lambda=0.0 if v == 0 else args.volume_lambda)
         if accelerator.is_main_process:
             save_config(stage_args, str(stage / "config.yaml"))
         trainer = Trainer(stage_args, sub, data, spec, accelerator, stage)
@@ -376,10 +357,9 @@ def train_shared_vertices(args: argparse.Namespace, modes: Sequence[nn.Module], 
     return sub
 
 
-def run_complex(args: argparse.Namespace) -> dict[str, Any]:
+def run_complex(args: ComplexConfig) -> dict[str, Any]:
     """The whole of recipes/complex.py: train the shared vertices (resumable per vertex), then
     evaluate the complex and write ``results.json`` (and ``complex.safetensors``) to ``--output``."""
-    validate_complex_args(args)
     started = time.perf_counter()
     modes = [load_model(p) for p in args.checkpoints]
     try:

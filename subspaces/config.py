@@ -15,11 +15,9 @@ from typing import Any
 
 import yaml
 
-from .data import DATASETS
 from .errors import ConfigError
-from .io import atomic_path
-
-
+from .run_folder import RESOLVED_KEY
+from .settings import EXPORT_FORMATS, METHODS, SHAPE_NAMES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,14 +73,14 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--log-with", default=None,
                    help="accelerate trackers for the metrics: tensorboard, wandb, mlflow, comet_ml, aim, ... or all; "
                         "files under OUTPUT/trackers (default: metrics.jsonl only)")
-    g.add_argument("--export-format", default="both", choices=["both", "timm", "safetensors"],
+    g.add_argument("--export-format", default="both", choices=EXPORT_FORMATS,
                    help="trained networks as timm folders (timm.create_model('local-dir:PATH', pretrained=True)), "
                         "safetensors + JSON spec (subspaces.io.load_model), or both (default: %(default)s)")
 
 
 def add_subspace_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("subspace")
-    g.add_argument("--subspace", default="none", choices=["none", "line", "bezier", "polychain", "simplex"], help="shape trained from scratch (default: %(default)s: a standard network)")
+    g.add_argument("--subspace", default="none", choices=SHAPE_NAMES, help="shape trained from scratch (default: %(default)s: a standard network)")
     g.add_argument("--degree", type=int, default=None, help="Bezier degree (default 2; only with --subspace bezier)")
     g.add_argument("--bends", type=int, default=None, help="polygonal chain bends (default 1; only with --subspace polychain)")
     g.add_argument("--vertices", type=int, default=None, help="simplex vertices (default 3; only with --subspace simplex)")
@@ -109,50 +107,22 @@ def add_volume_args(g: argparse._ArgumentGroup, default_lambda: float, default_s
                    help="points of the subspace per batch, one forward/backward each, losses averaged ([B] used 5; default: %(default)s)")
 
 
-def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("epochs", "batch_size", "grad_accum_steps", "bn_batches")) -> None:
-    """Checks every recipe shares: positive counts and lr, subsets >= 1, holdout >= 0, a known dataset."""
-    for name in counts:
-        if getattr(args, name, 1) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("train_subset", "eval_subset"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "lr", 1.0) <= 0:
-        raise ConfigError(f"--lr must be > 0, got {args.lr}")
-    layer_decay = getattr(args, "layer_decay", None)
-    if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise ConfigError(f"--layer-decay must be in (0, 1] (timm uses e.g. 0.75), got {layer_decay}")
-    if getattr(args, "samples_per_step", 1) < 1:
-        raise ConfigError(f"--samples-per-step must be >= 1, got {args.samples_per_step}")
-    if getattr(args, "holdout", 0) < 0:
-        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    check_dataset_name(getattr(args, "dataset", None))
-
-
-def check_dataset_name(name: str | None) -> None:
-    """Raise ConfigError for a --dataset value that is none of the known names (suggesting one)."""
-    if name is None or name in DATASETS:
-        return
-    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
-        return
-    close = difflib.get_close_matches(name, list(DATASETS), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"unknown --dataset {name!r}{hint}; valid: {', '.join(DATASETS)} or imagefolder:PATH")
-
-
-def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; defaults come from ``-c FILE.yaml`` when given, flags override them."""
+def parse_with_config(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                      valid: set[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; defaults come from ``-c FILE.yaml`` when given, flags override them. The
+    file's keys (dashes or underscores) must be in ``valid`` (a recipe's settings fields), by
+    default the flags of ``p``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        p.set_defaults(**load_yaml_config(known.config, p))
+        p.set_defaults(**load_yaml_config(known.config, valid if valid is not None else set(vars(p.parse_args(argv)))))
     return p.parse_args(argv)
 
 
-def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a YAML config; its keys must be flags of ``p`` (dashes or underscores)."""
+def load_yaml_config(path: str, valid: set[str]) -> dict[str, Any]:
+    """Read a YAML config; its keys (dashes or underscores) must be in ``valid``."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -162,7 +132,6 @@ def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of flag names to values")
-    valid = {a.dest for a in p._actions}
     out = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
@@ -176,17 +145,42 @@ def load_yaml_config(path: str, p: argparse.ArgumentParser) -> dict[str, Any]:
     return out
 
 
-#: the key of a run's config.yaml that holds what it resolved (input size, channels, mean/std): not a flag
-RESOLVED_KEY = "resolved"
+def add_snapshot_args(p: argparse.ArgumentParser, method: str) -> None:
+    g = p.add_argument_group(method.upper())
+    g.add_argument("--cycle", type=float, default=None, help="cycle length in epochs (FGE: [G] used 2-4; must be an even number of iterations)")
+    g.add_argument("--cycle-iters", type=int, default=None, help="cycle length in iterations (optimiser updates), instead of --cycle")
+    if method == "fge":
+        g.add_argument("--lr-max", type=float, default=0.05, help="alpha1, the largest learning rate of a cycle (default: %(default)s, [G]'s ResNets)")
+        g.add_argument("--lr-min", type=float, default=0.0005, help="alpha2, the smallest, at the snapshots (default: %(default)s)")
+    else:
+        g.add_argument("--lr-max", type=float, default=None, help="learning rate at the start of every cycle (default: --lr)")
 
 
-def save_config(args: argparse.Namespace | dict[str, Any], path: str) -> None:
-    """Write the resolved flags as YAML, atomically (a temporary file renamed over ``path``)."""
-    data = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
-
-
-def read_config(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("protocol")
+    g.add_argument("--seeds", type=int, default=1, help="replicates of the whole protocol; the table reports mean ± std (default: %(default)s)")
+    g.add_argument("--budgets", default="1,2,3", help="budgets as multiples of B = --epochs (default: %(default)s)")
+    g.add_argument("--methods", default=",".join(METHODS), help="methods to run (default: %(default)s; ind always runs)")
+    g.add_argument("--fge-pretrain", type=float, default=0.8, help="FGE starts from Ind network 0 at this fraction of B ([G]: 0.8)")
+    g.add_argument("--fge-cycle", type=float, default=None, help="FGE cycle in epochs (default: four cycles in the FGE part of 1B)")
+    g.add_argument("--fge-cycle-iters", type=int, default=None, help="FGE cycle in iterations, instead of --fge-cycle")
+    g.add_argument("--fge-lr-max", type=float, default=0.025, help="FGE alpha1 (default: %(default)s)")
+    g.add_argument("--fge-lr-min", type=float, default=0.0005, help="FGE alpha2, at the snapshots (default: %(default)s)")
+    g.add_argument("--sse-cycle", type=float, default=None, help="SSE cycle in epochs (default: B/2, two snapshots per B)")
+    g.add_argument("--sse-cycle-iters", type=int, default=None, help="SSE cycle in iterations, instead of --sse-cycle")
+    g.add_argument("--sse-lr-max", type=float, default=None, help="SSE learning rate at each restart (default: --lr)")
+    g.add_argument("--subspace-budgets", default="1", help="budgets (multiples of B) at which a line / simplex is trained (default: %(default)s)")
+    g.add_argument("--line-beta", type=float, default=1.0, help="cos^2 regulariser of the line [W] (default: %(default)s)")
+    g.add_argument("--simplex-vertices", type=int, default=3, help="vertices of the simplex from scratch (default: %(default)s)")
+    g.add_argument("--simplex-beta", type=float, default=1.0, help="cos^2 regulariser of the simplex (default: %(default)s)")
+    g.add_argument("--samples", type=int, default=5, help="points per subspace ensemble (default: %(default)s)")
+    g.add_argument("--espro-vertices", type=int, default=3, help="vertices of each ESPRO simplex, its Ind network included (default: %(default)s)")
+    g.add_argument("--spro-epochs", type=int, default=1, help="SPRO epochs per added vertex (default: %(default)s)")
+    g.add_argument("--spro-lr", type=float, default=0.01, help="SPRO learning rate, cosine per vertex ([B]: 0.01; default: %(default)s)")
+    g.add_argument("--spro-samples-per-step", type=int, default=1, help="SPRO points per batch ([B]: 5; each counts in the cost; default: %(default)s)")
+    g.add_argument("--spro-volume-lambda", type=float, default=1e-6, help="SPRO volume regulariser on [B]'s scale ([B]: 1e-6; default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=500, help="batch size of the evaluation passes (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads per member (default: %(default)s)")
+    g.add_argument("--jobs", type=int, default=0, help="members trained at once by each process, in worker processes (default: 0 = the "
+                                                      "cores divided by --threads and by the processes of this machine; 1 in one process: in-process)")
+    g.add_argument("--stop-after-runs", type=int, default=None, help="stop (resumably) after training this many member runs in this job")

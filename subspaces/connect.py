@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from accelerate.logging import get_logger
 
 from .align import align, example_batch
-from .config import ConfigError, validate_common_args
+from .errors import ConfigError
 from .io import load_model, write_json
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
 from .run_folder import prepare_run
+from .settings import POINT_SEED_STRIDE, ConnectConfig
 from .training import Trainer, build_data_for_spec, finish_run
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
-def validate_connect_args(args: argparse.Namespace) -> None:
-    if args.degree is not None and args.curve != "bezier":
-        raise ConfigError("--degree applies to --curve bezier, not polychain (use --bends)")
-    if args.bends is not None and args.curve != "polychain":
-        raise ConfigError("--bends applies to --curve polychain, not bezier (use --degree)")
-    if args.sched not in ("garipov", "garipov-epoch", "none"):
-        raise ConfigError(f"--sched {args.sched}: curve fitting uses [G]'s schedule ('garipov' per update, 'garipov-epoch' "
-                          "per epoch as [G]'s code) or a constant lr ('none')")
-    if args.degree is not None and args.degree < 1:
-        raise ConfigError(f"--degree {args.degree} is invalid: it must be >= 1 (degree 1 is a line, 2 is [G]'s curve)")
-    if args.bends is not None and args.bends < 0:
-        raise ConfigError(f"--bends {args.bends} is invalid: it must be >= 0 (0 bends is a line, 1 is [G]'s chain)")
-    validate_common_args(args)
-
-
-def run_connect(args: argparse.Namespace) -> dict[str, Any]:
+def run_connect(args: ConnectConfig) -> dict[str, Any]:
     """Load both ends, build the curve, train its interior anchors, evaluate and export."""
-    validate_connect_args(args)
     model_a, model_b = load_model(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([model_a, model_b])
@@ -45,11 +29,11 @@ def run_connect(args: argparse.Namespace) -> dict[str, Any]:
     spec = dict(model_a.spec)
     with prepare_run(args) as run:
         data = build_data_for_spec(args, spec, model_a)
-        if getattr(args, "align", False):   # B permuted to match A (weight matching): the same function, a shorter segment
+        if args.align:   # B permuted to match A (weight matching): the same function, a shorter segment
             model_b, alignment = align(model_a, model_b, example_batch(data.bn), seed=args.seed)
             if run.accelerator.is_main_process:
                 write_json(alignment, run.out / "alignment.json")
-        seed = args.seed if args.same_point else args.seed + 100_003 * run.accelerator.process_index
+        seed = args.seed if args.same_point else args.seed + POINT_SEED_STRIDE * run.accelerator.process_index
         layout = layout_for(args.opt, args.layer_decay)
         if args.curve == "bezier":
             curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed, layout=layout)

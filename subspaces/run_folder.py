@@ -15,7 +15,6 @@ share their folder.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import socket
@@ -28,12 +27,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from filelock import FileLock, Timeout
+import yaml
 from accelerate.logging import get_logger
+from filelock import FileLock, Timeout
 
-from .config import RESOLVED_KEY, save_config
 from .errors import ConfigError
-from .train_config import TrainConfig
+from .io import atomic_path
+from .settings import RecipeConfig, RunConfig, Settings, TrainConfig
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -42,7 +42,24 @@ OWNER_NAME = ".lock.owner"
 TRACKER_DIR = "trackers"
 
 
-def prepare_output(args: argparse.Namespace | TrainConfig | Any) -> Path:
+#: the key of a run's config.yaml that holds what it resolved (input size, channels, mean/std): not a flag
+RESOLVED_KEY = "resolved"
+
+
+def save_config(args: Settings | dict[str, Any], path: str) -> None:
+    """Write the resolved settings as YAML, atomically (a temporary file renamed over ``path``)."""
+    data = args.to_dict() if isinstance(args, Settings) else dict(args)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a mapping (empty for an empty file)."""
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def prepare_output(args: RunConfig) -> Path:
     """Create the run folder ``args.output``, checking before any work that a real write there
     succeeds and that there is room for checkpoints; nothing is left behind when it fails (ConfigError)."""
     out = Path(args.output)
@@ -66,7 +83,7 @@ def prepare_output(args: argparse.Namespace | TrainConfig | Any) -> Path:
     return out
 
 
-def make_accelerator(args: TrainConfig | argparse.Namespace, project_dir: str | os.PathLike | None = None) -> Accelerator:
+def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = None) -> Accelerator:
     """accelerate's Accelerator with the run's mixed precision, accumulation and seedable sampler.
 
     Without an accelerator device it runs on the CPU explicitly (``cpu=True``): that is how
@@ -76,13 +93,13 @@ def make_accelerator(args: TrainConfig | argparse.Namespace, project_dir: str | 
     config records it. fp16 on the CPU is refused: accelerate would run fp32 and say nothing.
     ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``.
     """
-    on_cpu = bool(getattr(args, "cpu", False)) or not torch.accelerator.is_available()
+    on_cpu = args.cpu or not torch.accelerator.is_available()
     requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if on_cpu and requested == "fp16":
         source = "--mixed-precision fp16" if args.mixed_precision else "the launcher's mixed precision fp16 (ACCELERATE_MIXED_PRECISION)"
         raise ConfigError(f"{source} needs a GPU: on the CPU accelerate would silently train in fp32; "
                           "use --mixed-precision bf16 (CPU autocast) or no")
-    log_with = getattr(args, "log_with", None)
+    log_with = args.log_with
     if log_with and project_dir is None:
         raise ConfigError("--log-with needs a run folder for the trackers' files: pass an output folder")
     accelerator = Accelerator(
@@ -130,9 +147,9 @@ def _rounded(values: Any) -> Any:
 
 @dataclass
 class Run:
-    """A started run: its folder ``out``, its ``accelerator`` and the flags it runs with."""
+    """A started run: its folder ``out``, its ``accelerator`` and the settings it runs with."""
 
-    args: Any
+    args: RecipeConfig
     out: Path
     accelerator: Accelerator
 
@@ -145,21 +162,21 @@ class Run:
             write_run_config(self.args, self.out, spec)
 
 
-def write_run_config(args: Any, out: Path, spec: dict[str, Any] | None = None) -> None:
-    """``out/config.yaml``: the flags ``args``, plus under ``resolved`` the input the run uses
+def write_run_config(args: Settings, out: Path, spec: dict[str, Any] | None = None) -> None:
+    """``out/config.yaml``: the settings ``args``, plus under ``resolved`` the input the run uses
     (model, dataset, img_size, in_chans, mean, std, num_classes of ``spec``)."""
-    data = dict(vars(args)) if isinstance(args, argparse.Namespace) else args.to_dict()
+    data = args.to_dict()
     if spec is not None:
         data[RESOLVED_KEY] = {k: spec.get(k) for k in ("model", "dataset", "img_size", "in_chans", "mean", "std", "num_classes")}
     save_config(data, str(out / "config.yaml"))
 
 
 @contextmanager
-def prepare_run(args: Any, seed: int | None = None) -> Iterator[Run]:
+def prepare_run(args: RecipeConfig, seed: int | None = None) -> Iterator[Run]:
     """The preamble of a run into ``args.output`` (``args.resume`` when resuming): the folder
     checked writable, its lock held by the main process for the block, the accelerator made,
     the seed set (``seed``, default ``args.seed``)."""
-    if getattr(args, "resume", None):
+    if args.resume:
         args.output = args.resume
     out = prepare_output(args)
     accelerator = make_accelerator(args, project_dir=out)

@@ -20,7 +20,6 @@ Run folder of :func:`train_snapshots`::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -35,12 +34,13 @@ from torch import nn
 from accelerate.logging import get_logger
 
 from .bn import update_bn
-from .config import ConfigError
+from .errors import ConfigError
 from .data import DataBundle, make_loader
 from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
 from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
 from .run_folder import describe_input, make_accelerator, prepare_run, write_run_config
+from .settings import FGEConfig, SSEConfig, TrainConfig
 from .training import Trainer, build_data_and_model, build_data_for_spec, results_table
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
@@ -239,7 +239,7 @@ def is_finished(folder: str | Path) -> bool:
 
 def train_snapshots(
     method: str,
-    args: argparse.Namespace,
+    args: TrainConfig,
     model: nn.Module,
     data: DataBundle,
     spec: dict[str, Any],
@@ -295,7 +295,7 @@ def train_snapshots(
 
 
 # ---------------------------------------------------------------------------------------- recipes
-def _evaluate_snapshots(method: str, args: argparse.Namespace, out: Path, data: DataBundle, spec: dict[str, Any], start: nn.Module | None,
+def _evaluate_snapshots(method: str, args: TrainConfig, out: Path, data: DataBundle, spec: dict[str, Any], start: nn.Module | None,
                         title: str) -> dict[str, Any]:
     """Final evaluation of a snapshot run: the ensemble after 1..M snapshots, (FGE) SWA and the start."""
     from rich.console import Console
@@ -323,12 +323,9 @@ def _evaluate_snapshots(method: str, args: argparse.Namespace, out: Path, data: 
     return results
 
 
-def run_fge(args: argparse.Namespace) -> dict[str, Any]:
+def run_fge(args: FGEConfig) -> dict[str, Any]:
     """The whole of ``recipes/fge.py``: load the trained network and its optimiser state, run the
     cyclical schedule, save snapshots, evaluate the ensemble and SWA."""
-    _validate_common(args)
-    if not args.lr_max > args.lr_min >= 0:
-        raise ConfigError(f"FGE needs --lr-max > --lr-min >= 0 (alpha1 > alpha2), got {args.lr_max} and {args.lr_min}")
     model_path, opt_path = find_pretrained(args.checkpoint)
     start = load_model(model_path)
     spec = {k: v for k, v in start.spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
@@ -353,12 +350,9 @@ def run_fge(args: argparse.Namespace) -> dict[str, Any]:
         return {"finished": True, "results": _evaluate_snapshots("fge", args, out, data, spec, start, f"FGE from {args.checkpoint}")}
 
 
-def run_sse(args: argparse.Namespace) -> dict[str, Any]:
+def run_sse(args: SSEConfig) -> dict[str, Any]:
     """The whole of ``recipes/sse.py``: a network from scratch with cosine restarts, a snapshot per cycle."""
-    _validate_common(args)
     lr_max = args.lr_max if args.lr_max is not None else args.lr
-    if lr_max <= 0:
-        raise ConfigError(f"--lr-max must be > 0, got {lr_max}")
     with prepare_run(args) as run:
         accelerator, out = run.accelerator, run.out
         data, model, spec = build_data_and_model(args)
@@ -376,22 +370,3 @@ def run_sse(args: argparse.Namespace) -> dict[str, Any]:
         if not accelerator.is_main_process:
             return {"finished": True}
         return {"finished": True, "results": _evaluate_snapshots("sse", args, out, data, spec, None, f"SSE: {args.model} on {args.dataset}")}
-
-
-def _validate_common(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "grad_accum_steps"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.cycle is None and args.cycle_iters is None:
-        raise ConfigError("give the cycle length: --cycle EPOCHS (e.g. 2, as in [G]) or --cycle-iters N")
-
-
-def add_snapshot_args(p: argparse.ArgumentParser, method: str) -> None:
-    g = p.add_argument_group(method.upper())
-    g.add_argument("--cycle", type=float, default=None, help="cycle length in epochs (FGE: [G] used 2-4; must be an even number of iterations)")
-    g.add_argument("--cycle-iters", type=int, default=None, help="cycle length in iterations (optimiser updates), instead of --cycle")
-    if method == "fge":
-        g.add_argument("--lr-max", type=float, default=0.05, help="alpha1, the largest learning rate of a cycle (default: %(default)s, [G]'s ResNets)")
-        g.add_argument("--lr-min", type=float, default=0.0005, help="alpha2, the smallest, at the snapshots (default: %(default)s)")
-    else:
-        g.add_argument("--lr-max", type=float, default=None, help="learning rate at the start of every cycle (default: --lr)")

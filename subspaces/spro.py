@@ -8,39 +8,27 @@ sampled from every simplex (BatchNorm recomputed at each point).
 
 from __future__ import annotations
 
-import argparse
-import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from accelerate.logging import get_logger
 
-from .config import ConfigError, save_config, validate_common_args
+from .errors import ConfigError
 from .data import make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
-from .run_folder import prepare_run
+from .run_folder import prepare_run, save_config
+from .settings import POINT_SEED_STRIDE, SPROConfig
 from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
-def validate_spro_args(args: argparse.Namespace) -> None:
-    if args.vertices < 2:
-        raise ConfigError(f"--vertices {args.vertices}: a simplex needs at least 2 vertices")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs (per added vertex) must be >= 1, got {args.epochs}")
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    if args.volume_lambda < 0:
-        raise ConfigError(f"--volume-lambda must be >= 0, got {args.volume_lambda}")
-    validate_common_args(args)
-
-
-def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerator: Any, index: int) -> Simplex:
+def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int) -> Simplex:
     """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``."""
     base = load_model(base_path)
     spec = dict(base.spec)
@@ -53,13 +41,12 @@ def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerato
             logger.info(f"simplex {index}: vertex {v} already trained, reused from {stage}")
             continue
         if sub is None:
-            seed = args.seed + 1000 * index + 100_003 * accelerator.process_index
+            seed = args.seed + 1000 * index + POINT_SEED_STRIDE * accelerator.process_index
             sub = Simplex.connect([base], new_vertices=1, seed=seed, layout=layout_for(args.opt, args.layer_decay))
         else:
             sub.add_vertex()
         stage.mkdir(parents=True, exist_ok=True)
-        stage_args = copy.copy(args)
-        stage_args.output = str(stage)
+        stage_args = dataclasses.replace(args, output=str(stage))
         if accelerator.is_main_process:
             save_config(stage_args, str(stage / "config.yaml"))
         trainer = Trainer(stage_args, sub, data, spec, accelerator, stage)
@@ -71,9 +58,8 @@ def grow_simplex(args: argparse.Namespace, base_path: str, out: Path, accelerato
     return sub
 
 
-def run_spro(args: argparse.Namespace) -> dict[str, Any]:
+def run_spro(args: SPROConfig) -> dict[str, Any]:
     """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
-    validate_spro_args(args)
     bases = [load_model(p) for p in args.checkpoints]
     try:
         check_same_architecture(bases)

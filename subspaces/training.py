@@ -20,7 +20,6 @@ Run folder::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import hashlib
@@ -48,7 +47,6 @@ from torch import nn
 from accelerate.logging import get_logger
 
 from .bn import update_bn
-from .config import validate_common_args
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
@@ -57,24 +55,14 @@ from .run_folder import make_accelerator, prepare_run
 from .io import SHAPES, file_digest, save_export, save_subspace, verify_checkpoint, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace, layout_for
-from .train_config import TrainConfig
+from .settings import POINT_SEED_STRIDE, DataRun, ModelConfig, ModelRun, TrainConfig, TrainRunConfig
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
 # ---------------------------------------------------------------------------------------- setup
-def check_model_name(name: str) -> None:
-    """Raise ConfigError for a name timm does not know, suggesting close names."""
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-    raise ConfigError(f"unknown timm model '{name}'{hint}")
-
-
-def create_timm_model(args: argparse.Namespace, num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
-    """``timm.create_model`` from the flags; ``--img-size`` goes to models that take one (ViTs)."""
-    check_model_name(args.model)
+def create_timm_model(args: ModelConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` from the settings; ``img_size`` goes to models that take one (ViTs)."""
     kwargs = dict(args.model_kwargs or {})
     if args.img_size is not None and "img_size" not in kwargs:
         try:
@@ -87,7 +75,7 @@ def create_timm_model(args: argparse.Namespace, num_classes: int, in_chans: int)
     return model, kwargs
 
 
-def build_data_and_model(args: argparse.Namespace) -> tuple[DataBundle, nn.Module, dict[str, Any]]:
+def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[str, Any]]:
     """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it."""
     common = dict(root=args.data_dir, img_size=args.img_size, train_subset=args.train_subset,
                   eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed)
@@ -135,59 +123,24 @@ def _accepts(model: nn.Module, in_chans: int, size: int) -> bool:
         model.train(was_training)
 
 
-def build_data_for_spec(args: argparse.Namespace, spec: dict[str, Any], model: nn.Module) -> DataBundle:
-    """The dataset a trained model was made for (``spec``), unless ``--dataset`` says otherwise."""
+def build_data_for_spec(args: DataRun, spec: dict[str, Any], model: nn.Module) -> DataBundle:
+    """The dataset a trained model was made for (``spec``), unless ``args.dataset`` says otherwise."""
     args.dataset = args.dataset or spec.get("dataset", "fashion-mnist")
     return build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
                           train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout,
                           seed=args.seed, model=model)
 
 
-def wrap_subspace(args: argparse.Namespace, model: nn.Module, rank: int = 0) -> nn.Module:
-    """The model itself (``--subspace none``) or a subspace of it learned from scratch."""
+def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.Module:
+    """The model itself (``subspace`` "none") or a subspace of it learned from scratch; each rank
+    draws its own points (seed + POINT_SEED_STRIDE x rank) unless ``same_point``."""
     if args.subspace == "none":
         return model
-    shape_kwargs: dict[str, Any] = {}
-    if args.subspace == "bezier":
-        shape_kwargs["degree"] = args.degree if args.degree is not None else 2
-    if args.subspace == "polychain":
-        shape_kwargs["bends"] = args.bends if args.bends is not None else 1
-    if args.subspace == "simplex":
-        shape_kwargs["vertices"] = args.vertices if args.vertices is not None else 3
-    seed = args.seed if args.same_point else args.seed + 100_003 * rank
+    seed = args.seed if args.same_point else args.seed + POINT_SEED_STRIDE * rank
     sampling = "layerwise" if args.layerwise else args.sampling
-    layout = layout_for(args.opt, getattr(args, "layer_decay", None))
+    layout = layout_for(args.opt, args.layer_decay)
     return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
-                                 layout=layout, **shape_kwargs)
-
-
-def validate_train_args(args: argparse.Namespace) -> None:
-    """Reject incompatible options before any work starts."""
-    sub = getattr(args, "subspace", "none")
-    for flag, shape in (("degree", "bezier"), ("bends", "polychain"), ("vertices", "simplex")):
-        if getattr(args, flag, None) is not None and sub != shape:
-            raise ConfigError(f"--{flag} applies to --subspace {shape}, not --subspace {sub}")
-    if sub == "none":
-        for flag in ("layerwise", "same_point"):
-            if getattr(args, flag, False):
-                raise ConfigError(f"--{flag.replace('_', '-')} needs a --subspace (line, bezier, polychain or simplex)")
-        if getattr(args, "samples_per_step", 1) > 1:
-            raise ConfigError("--samples-per-step draws several points of a subspace per batch: add --subspace")
-        if getattr(args, "beta", 0) or getattr(args, "volume_lambda", 0):
-            raise ConfigError("--beta / --volume-lambda regularise a subspace: add --subspace")
-    if getattr(args, "volume_lambda", 0) and sub not in ("simplex", "none"):
-        raise ConfigError("--volume-lambda is the simplex volume regulariser: use it with --subspace simplex")
-    if getattr(args, "sampling", "global") == "arc_length" and sub not in ("line", "bezier", "polychain"):
-        raise ConfigError("--sampling arc_length is defined for curves: --subspace line, bezier or polychain")
-    validate_common_args(args)
-    if args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs and args.warmup_epochs > 0:
-        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs {args.epochs})")
-    for flag, minimum, what in (("degree", 1, "degree 1 is a line"), ("bends", 0, "0 bends is a line"),
-                                ("vertices", 2, "a simplex needs at least 2 vertices")):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < minimum:
-            raise ConfigError(f"--{flag} {getattr(args, flag)} is invalid: it must be >= {minimum} ({what})")
-    if getattr(args, "model", None) is not None:
-        check_model_name(args.model)
+                                 layout=layout, **args.shape_kwargs())
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -197,7 +150,7 @@ def bn_loader(data: DataBundle, batch_size: int) -> Any:
     return make_loader(data.holdout if data.holdout is not None else data.bn, batch_size, shuffle=False)
 
 
-def eval_plain(model: nn.Module, data: DataBundle, args: argparse.Namespace, accelerator: Accelerator, eval_loader: Any, recompute_bn: bool = True) -> dict[str, float]:
+def eval_plain(model: nn.Module, data: DataBundle, args: TrainConfig, accelerator: Accelerator, eval_loader: Any, recompute_bn: bool = True) -> dict[str, float]:
     """Metrics of a plain model, its BatchNorm recomputed on the (unaugmented) training data first."""
     if recompute_bn:
         update_bn(model, bn_loader(data, args.batch_size), max_batches=args.bn_batches)
@@ -356,7 +309,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any
 class Trainer:
     """Train ``model`` (plain or Subspace) for ``args.epochs`` epochs on ``data`` with accelerate.
 
-    ``args`` is a :class:`~subspaces.train_config.TrainConfig` (from Python: see :meth:`create`)
+    ``args`` is a :class:`~subspaces.settings.TrainConfig` (from Python: see :meth:`create`)
     or the recipes' parsed flags, which carry the same names.
 
     ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
@@ -365,7 +318,7 @@ class Trainer:
     budget cut: the run stops as if killed after a finished epoch, resumable).
     """
 
-    args: TrainConfig | argparse.Namespace
+    args: TrainConfig
     model: nn.Module
     data: DataBundle
     spec: dict[str, Any]
@@ -495,8 +448,7 @@ class Trainer:
             metrics_path.unlink()
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
         if acc.log_with:
-            settings = vars(a) if isinstance(a, argparse.Namespace) else a.to_dict()
-            acc.init_trackers(out.name or "run", config={k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))})
+            acc.init_trackers(out.name or "run", config={k: v for k, v in a.to_dict().items() if isinstance(v, (bool, int, float, str))})
         try:
             with StopSignals(announce=acc.is_main_process) as signals:
                 for epoch in range(start, stop):
@@ -747,15 +699,18 @@ def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
             "weights_sha256": digest.hexdigest(), "results": results}
 
 
-def run_training(args: argparse.Namespace, title: str = "results") -> dict[str, Any]:
-    """The whole of ``recipes/train.py``: validate, build, train (or resume), evaluate, export."""
-    validate_train_args(args)
+def run_training(args: TrainRunConfig, title: str | None = None) -> dict[str, Any]:
+    """The whole of ``recipes/train.py``: build, train (or resume), evaluate, export; ``title``
+    heads the results table (default: the model, the dataset and what was trained)."""
+    if title is None:
+        what = "standard training" if args.subspace == "none" else f"{args.subspace} from scratch"
+        title = f"{args.model} on {args.dataset}: {what}"
     with prepare_run(args) as run:
         data, model, spec = build_data_and_model(args)
         net = wrap_subspace(args, model, rank=run.accelerator.process_index)
         run.record(spec)
         trainer = Trainer(args, net, data, spec, run.accelerator, run.out)
-        status = trainer.fit(resume=bool(args.resume), train_epochs=getattr(args, "stop_after_epochs", None))
+        status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
         if not status["finished"]:
             logger.info(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
             return {"finished": False}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from subspaces.settings import CompareConfig
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "64", "--eval-subset", "32", "-b", "16", "--epochs", "2", "--bn-batches", "1",
         "--samples", "3", "--log-interval", "1000", "--eval-batch-size", "32", "--jobs", "1"]
@@ -194,7 +196,7 @@ def test_the_protocol_is_the_same_under_any_launcher(compare_runs, tmp_path, lau
 def test_presets_are_valid_compare_configs(preset):
     from subspaces.config import parse_with_config
 
-    args = parse_with_config(_recipe("compare").build_parser(), ["-c", str(preset)])
+    args = CompareConfig(**vars(parse_with_config(_recipe("compare").build_parser(), ["-c", str(preset)], CompareConfig.field_names())))
     text = preset.read_text()
     assert args.model and args.epochs >= 1 and args.output.startswith("runs/")
     assert "ime" in text.split("\n\n")[0] or "timed" in text, "a preset names its expected time"
@@ -204,7 +206,8 @@ def test_the_plan_is_a_pure_function_of_the_settings():
     """The default compare's plan, derived without training or reading a file."""
     from subspaces.compare_plan import accounting, make_plan
 
-    args = _recipe("compare").build_parser().parse_args([])
+    args = CompareConfig(**vars(_recipe("compare").build_parser().parse_args([])))
+    assert args == CompareConfig(), "the recipe's defaults are CompareConfig's"
     plan = make_plan(args, num_train=10_000)
     assert (plan.B, plan.upe, plan.budget_iters) == (20, 157, 3140)
     assert plan.pretrain_iter == 2512 and plan.fge_cycle == 156 and plan.fge_epochs == 44

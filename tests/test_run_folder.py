@@ -20,7 +20,7 @@ from helpers import TINY, recipe_cmd, recipe_env, run
 from subspaces.errors import ConfigError
 from subspaces.regularizers import cosine_penalty, log_volume, volume_penalty
 from subspaces.run_folder import make_accelerator, run_lock
-from subspaces.train_config import TrainConfig
+from subspaces.settings import TrainConfig
 
 HOLDER = """
 import sys, time

@@ -5,7 +5,6 @@ In-process and tiny: test_resnet on 64 Fashion-MNIST training images, batch 16 (
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
@@ -15,8 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 
 import subspaces as ss
-from subspaces import config
-from subspaces.config import ConfigError
+from subspaces.errors import ConfigError
 from subspaces.data import build_datasets, make_loader
 from subspaces.ensembles import Ensemble, subspace_ensemble, subspace_points
 from subspaces.io import load_model, save_model
@@ -38,17 +36,9 @@ BATCH, TRAIN, EVAL = 16, 64, 32
 UPE = TRAIN // BATCH
 
 
-def make_args(tmp, **overrides) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    config.add_model_args(p)
-    config.add_data_args(p)
-    config.add_optim_args(p)
-    config.add_subspace_args(p)
-    config.add_run_args(p, output=str(tmp))
-    args = p.parse_args(["--model", "test_resnet", "-b", str(BATCH), "--bn-batches", "2", "--log-interval", "1000"])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
+def make_args(tmp, **overrides) -> ss.TrainRunConfig:
+    settings = dict(model="test_resnet", batch_size=BATCH, bn_batches=2, log_interval=1000, output=str(tmp))
+    return ss.TrainRunConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

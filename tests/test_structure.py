@@ -73,3 +73,60 @@ def test_analysis_scripts_run_as_scripts_from_any_folder(tmp_path):
         res = subprocess.run([sys.executable, str(REPO / "analysis" / f"{name}.py"), "--help"], cwd=tmp_path, env=recipe_env(),
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and "usage:" in res.stdout, f"{name}.py: {res.stderr[-2000:]}"
+
+
+#: the application layer: command-line parsing, YAML flags, the process entry points
+APP_MODULES = {"cli", "config", "compare_worker"}
+
+
+def _imports_argparse(path: Path) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names)
+               or isinstance(node, ast.ImportFrom) and node.module == "argparse" for node in ast.walk(tree))
+
+
+def test_the_library_knows_nothing_of_the_command_line():
+    """Only the application layer parses flags; no library module imports it or argparse."""
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.stem in APP_MODULES:
+            continue
+        top, _ = _package_imports(path)
+        assert not top & APP_MODULES, f"{path.name} imports the command-line layer {sorted(top & APP_MODULES)}"
+        assert not _imports_argparse(path), f"{path.name} imports argparse: take a settings class of subspaces.settings instead"
+
+
+def _recipe(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"structure_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: the regularisers of the training loop, which only the recipes that learn a subspace from scratch offer
+REGULARISERS = {"beta", "beta_params", "volume_lambda", "volume_form", "samples_per_step"}
+RECIPE_SETTINGS = {   # recipe: its settings class, the fewest flags it runs with, the same as fields, fields it does not offer
+    "train": ("TrainRunConfig", [], {}, set()),
+    "connect": ("ConnectConfig", ["a", "b"], {"model_a": "a", "model_b": "b"}, REGULARISERS),
+    "simplex": ("SPROConfig", ["a"], {"checkpoints": ["a"]}, {"beta", "beta_params"}),
+    "complex": ("ComplexConfig", ["a", "b"], {"checkpoints": ["a", "b"]}, {"beta", "beta_params"}),
+    "fge": ("FGEConfig", ["a", "--cycle", "2"], {"checkpoint": "a", "cycle": 2.0}, REGULARISERS),
+    "sse": ("SSEConfig", ["--cycle", "2"], {"cycle": 2.0}, REGULARISERS),
+    "compare": ("CompareConfig", [], {}, REGULARISERS),
+}
+
+
+def test_every_flag_is_a_settings_field_with_the_same_default():
+    """A recipe's flags are its settings class's fields, one for one, with equal defaults: what
+    the command line runs is what the same settings run from Python."""
+    import subspaces as ss
+    from subspaces import cli
+
+    for name, (cls_name, argv, fields, not_offered) in RECIPE_SETTINGS.items():
+        cls = getattr(ss, cls_name)
+        parser = _recipe(name).build_parser()
+        flags = set(vars(parser.parse_args(argv)))
+        assert flags == cls.field_names() - not_offered, (f"{name}: flags without a field {sorted(flags - cls.field_names())}, "
+                                                          f"fields without a flag {sorted(cls.field_names() - not_offered - flags)}")
+        assert cli.parse(parser, argv, cls) == cls(**fields), f"{name}: the flags' defaults differ from {cls_name}'s"
