@@ -95,8 +95,9 @@ def add_subspace_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", nargs="*", default=None, help="parameter-name patterns kept shared by all points")
 
 
-def add_volume_args(g: argparse._ArgumentGroup, default_lambda: float, default_samples: int = 1) -> None:
-    """The simplex volume regulariser [B] and several points per batch."""
+def add_volume_args(g: Any, default_lambda: float, default_samples: int = 1) -> None:
+    """The simplex volume regulariser [B] and several points per batch, added to ``g`` (a parser
+    or one of its argument groups)."""
     g.add_argument("--volume-lambda", type=float, default=default_lambda,
                    help="weight of the volume regulariser of a simplex ([B]; default: %(default)s). With --volume-form benton (the default) "
                         "the loss subtracts lambda / log(Vol0^2 + 1e-4) * log(Vol^2 + 1e-4), Vol0 the volume of freshly initialised "
