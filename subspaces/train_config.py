@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .augment import check_mixup
 from .errors import ConfigError
 
 
@@ -17,7 +18,10 @@ from .errors import ConfigError
 class TrainConfig:
     """What the training loop reads. Optimiser and scheduler are timm's (``create_optimizer_v2``,
     ``create_scheduler_v2`` stepped per update); the regularisers are [W]'s cos^2 (``beta``) and
-    [B]'s volume term (``volume_lambda`` on the ``volume_form`` scale), see docs/science.md §4-§5."""
+    [B]'s volume term (``volume_lambda`` on the ``volume_form`` scale), see docs/science.md §4-§5.
+    ``mixup`` / ``cutmix`` > 0 mix every training batch with timm's ``Mixup`` (soft targets,
+    ``smoothing`` included); the images' own augmentation is :class:`~subspaces.augment.Augmentation`,
+    given to :func:`~subspaces.data.build_datasets`."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -30,6 +34,11 @@ class TrainConfig:
     warmup_epochs: int = 0
     min_lr: float = 0.0
     smoothing: float = 0.0
+    mixup: float = 0.0              # timm's Mixup: Beta(alpha, alpha) of mixup, 0 = off
+    cutmix: float = 0.0             # Beta(alpha, alpha) of CutMix, 0 = off
+    mixup_prob: float = 1.0         # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of CutMix instead of mixup
+    mixup_mode: str = "batch"       # one lam per batch, per pair or per element
     grad_accum_steps: int = 1
     mixed_precision: str | None = None   # None: the launcher's (accelerate config), else "no"
     cpu: bool = False
@@ -55,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.warmup_epochs {self.warmup_epochs} must be in [0, epochs {self.epochs})")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"TrainConfig.layer_decay must be in (0, 1] (timm uses e.g. 0.75), got {self.layer_decay}")
+        check_mixup(self.mixup, self.cutmix, self.mixup_prob, self.mixup_switch_prob, self.mixup_mode, self.smoothing,
+                    prefix="TrainConfig.")
         choices = {"mixed_precision": (None, "no", "bf16", "fp16"), "beta_params": ("weights", "all"), "volume_form": ("benton", "log")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

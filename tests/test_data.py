@@ -277,10 +277,16 @@ def test_fashion_mnist_three_channels_resized(fmnist_root):
     torch.testing.assert_close(x[0], x[1])
     torch.testing.assert_close(x[0], x[2])
     assert b.eval[0][0].shape == (3, 32, 32)
-    # documented: resized (bilinear, antialiased), not padded
-    raw = _raw_train_images(fmnist_root)[b.train.indices[0]].float()[None, None] / 255
-    expected = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    # documented: resized (PIL bilinear, antialiased, on the uint8 image), not padded
+    from PIL import Image
+
+    raw = _raw_train_images(fmnist_root)[b.train.indices[0]]
+    pil = np.asarray(Image.fromarray(raw.numpy()).resize((32, 32), Image.BILINEAR))
+    expected = torch.from_numpy(pil.copy()).float() / 255
     torch.testing.assert_close(x[0] * 0.3530 + 0.2860, expected, atol=1e-5, rtol=0)
+    # within one grey level of the float resize (torch, antialiased) used before timm's transforms
+    before = F.interpolate(raw.float()[None, None] / 255, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    assert (expected - before).abs().max() <= 1 / 255 + 1e-6
 
     small = D.build_datasets("fashion-mnist", root=fmnist_root, train_subset=4, img_size=20)
     assert small.train[0][0].shape == (1, 20, 20)
