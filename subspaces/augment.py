@@ -83,6 +83,16 @@ CIFAR_AUGMENTATION = Augmentation(hflip=0.5, vflip=0.0, color_jitter=0.0, train_
 TIMM_AUGMENTATION = Augmentation(hflip=0.5, vflip=0.0, color_jitter=0.4, train_crop_mode="rrc")
 
 
+def dataset_default(dataset: str | None) -> Augmentation:
+    """The training augmentation a dataset gets unless told otherwise: none for Fashion-MNIST,
+    the papers' crop + flip for CIFAR, timm's defaults for an image folder (or an unknown name)."""
+    if dataset == "fashion-mnist":
+        return NO_AUGMENTATION
+    if dataset in ("cifar10", "cifar100"):
+        return CIFAR_AUGMENTATION
+    return TIMM_AUGMENTATION
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         return None

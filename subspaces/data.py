@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .augment import CIFAR_AUGMENTATION, NO_AUGMENTATION, PAD_PIXELS, TIMM_AUGMENTATION, TIMM_CROP_MODES, Augmentation
+from .augment import PAD_PIXELS, TIMM_CROP_MODES, Augmentation, dataset_default
 from .data_sources import fashion_mnist_root, load_cifar, load_fashion_mnist
 from .errors import ConfigError, DatasetNotFoundError
 from .input_spec import infer_input_spec, required_img_size
@@ -411,17 +411,17 @@ def build_datasets(
         return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=28, native_chans=1, num_classes=10,
                              mean=FASHION_MNIST_MEAN if mean is None else mean, std=FASHION_MNIST_STD if std is None else std,
                              img_size=img_size, in_chans=in_chans, model=model,
-                             augmentation=chosen and chosen.resolved(NO_AUGMENTATION), **common)
+                             augmentation=chosen and chosen.resolved(dataset_default(name)), **common)
     if name in ("cifar10", "cifar100"):
         tr_x, tr_y, te_x, te_y, num_classes = load_cifar(name, root)
         own_mean, own_std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
         return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=32, native_chans=3, num_classes=num_classes,
                              mean=own_mean if mean is None else mean, std=own_std if std is None else std,
                              img_size=img_size, in_chans=in_chans, model=model,
-                             augmentation=chosen and chosen.resolved(CIFAR_AUGMENTATION), **common)
+                             augmentation=chosen and chosen.resolved(dataset_default(name)), **common)
     if isinstance(name, str) and name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
         return _imagefolder_bundle(name[len("imagefolder:"):], img_size=img_size, in_chans=in_chans, model=model,
-                                   augmentation=chosen and chosen.resolved(TIMM_AUGMENTATION), mean=mean, std=std, **common)
+                                   augmentation=chosen and chosen.resolved(dataset_default(name)), mean=mean, std=std, **common)
     valid = ", ".join(repr(d) for d in DATASETS)
     raise ValueError(f"unknown dataset {name!r}; valid names: {valid}, or 'imagefolder:PATH'")
 
