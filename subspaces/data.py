@@ -67,7 +67,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-# ITU-R 601-2 luma weights, the ones torchvision's rgb_to_grayscale uses.
+# ITU-R 601-2 luma weights (torchvision's rgb_to_grayscale, PIL's "L" conversion): RGB statistics -> grey.
 _LUMA = (0.2989, 0.587, 0.114)
 
 
@@ -83,7 +83,7 @@ class DataBundle:
     normalised with ``mean``/``std``; ``y`` an ``int`` in ``[0, num_classes)``.
     """
 
-    train: Dataset  # training split (augmented for CIFAR / image folders when augment=True)
+    train: Dataset  # training split, augmented as build_datasets(augment=...) says (default: CIFAR, image folders)
     eval: Dataset  # test split, no augmentation
     holdout: Dataset | None  # held-out part of the training set, no augmentation
     bn: Dataset  # training images without augmentation, same indices as ``train``
