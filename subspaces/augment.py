@@ -93,6 +93,16 @@ def dataset_default(dataset: str | None) -> Augmentation:
     return TIMM_AUGMENTATION
 
 
+def for_dataset(settings: Augmentation, dataset: str | None) -> Augmentation:
+    """``settings`` with the dataset's defaults filled in; ConfigError for a crop that needs images
+    of one native size (pad, none) on an image folder."""
+    resolved = settings.resolved(dataset_default(dataset))
+    if str(dataset).startswith("imagefolder:") and resolved.train_crop_mode not in TIMM_CROP_MODES:
+        raise ConfigError(f"--train-crop-mode {resolved.train_crop_mode} needs images of one native size (fashion-mnist, "
+                          f"cifar); for an image folder use {' | '.join(TIMM_CROP_MODES)}")
+    return resolved
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         return None

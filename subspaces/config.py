@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .augment import CROP_MODES, MIXUP_MODES, augmentation_from, check_mixup, dataset_default
+from .augment import CROP_MODES, MIXUP_MODES, augmentation_from, check_mixup, for_dataset
 from .data import DATASETS
 from .errors import ConfigError
 from .io import atomic_path
@@ -154,7 +154,7 @@ def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("e
     if getattr(args, "holdout", 0) < 0:
         raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
     check_dataset_name(getattr(args, "dataset", None))
-    augmentation_from(args).resolved(dataset_default(getattr(args, "dataset", None)))   # ConfigError naming the flag
+    for_dataset(augmentation_from(args), getattr(args, "dataset", None))   # ConfigError naming the flag
     check_mixup(getattr(args, "mixup", 0.0), getattr(args, "cutmix", 0.0), getattr(args, "mixup_prob", 1.0),
                 getattr(args, "mixup_switch_prob", 0.5), getattr(args, "mixup_mode", "batch"), getattr(args, "smoothing", 0.0))
 

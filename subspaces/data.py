@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .augment import PAD_PIXELS, TIMM_CROP_MODES, Augmentation, dataset_default
+from .augment import PAD_PIXELS, TIMM_CROP_MODES, Augmentation, for_dataset
 from .data_sources import fashion_mnist_root, load_cifar, load_fashion_mnist
-from .errors import ConfigError, DatasetNotFoundError
+from .errors import DatasetNotFoundError
 from .input_spec import infer_input_spec, required_img_size
 
 __all__ = [
@@ -297,9 +297,6 @@ def _imagefolder_bundle(path_str: str, *, img_size, in_chans, model, augmentatio
     eval_tf = timm.data.create_transform(**cfg, is_training=False)
     if augmentation is None:
         train_tf = eval_tf
-    elif augmentation.train_crop_mode not in TIMM_CROP_MODES:
-        raise ConfigError(f"--train-crop-mode {augmentation.train_crop_mode} needs images of one native size (fashion-mnist, "
-                          f"cifar); for an image folder use {' | '.join(TIMM_CROP_MODES)}")
     else:
         a = augmentation
         train_tf = timm.data.create_transform(**cfg, is_training=True, train_crop_mode=a.train_crop_mode, scale=a.scale,
@@ -411,17 +408,17 @@ def build_datasets(
         return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=28, native_chans=1, num_classes=10,
                              mean=FASHION_MNIST_MEAN if mean is None else mean, std=FASHION_MNIST_STD if std is None else std,
                              img_size=img_size, in_chans=in_chans, model=model,
-                             augmentation=chosen and chosen.resolved(dataset_default(name)), **common)
+                             augmentation=chosen and for_dataset(chosen, name), **common)
     if name in ("cifar10", "cifar100"):
         tr_x, tr_y, te_x, te_y, num_classes = load_cifar(name, root)
         own_mean, own_std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
         return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=32, native_chans=3, num_classes=num_classes,
                              mean=own_mean if mean is None else mean, std=own_std if std is None else std,
                              img_size=img_size, in_chans=in_chans, model=model,
-                             augmentation=chosen and chosen.resolved(dataset_default(name)), **common)
+                             augmentation=chosen and for_dataset(chosen, name), **common)
     if isinstance(name, str) and name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
         return _imagefolder_bundle(name[len("imagefolder:"):], img_size=img_size, in_chans=in_chans, model=model,
-                                   augmentation=chosen and chosen.resolved(dataset_default(name)), mean=mean, std=std, **common)
+                                   augmentation=chosen and for_dataset(chosen, name), mean=mean, std=std, **common)
     valid = ", ".join(repr(d) for d in DATASETS)
     raise ValueError(f"unknown dataset {name!r}; valid names: {valid}, or 'imagefolder:PATH'")
 
