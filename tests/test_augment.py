@@ -293,3 +293,35 @@ def test_train_recipe_with_mixup_end_to_end(tmp_path):
     results = read_json(out / "results.json")["results"]
     for name in ("centre", "anchor0", "anchor1"):
         assert_metrics(results[name], count=128)
+
+
+def test_a_mixup_run_stopped_mid_epoch_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    from subspaces.errors import Preempted
+
+    data = D.build_datasets("fashion-mnist", train_subset=96, eval_subset=32, in_chans=1)
+
+    def trainer(folder, on_update=None):
+        np.random.seed(0)   # timm's Mixup draws lam and the CutMix box from numpy's global generator
+        torch.manual_seed(0)
+        net = ss.Line(timm.create_model("test_resnet", num_classes=10, in_chans=1), seed=0)
+        config = ss.TrainConfig(epochs=2, batch_size=16, lr=0.05, bn_batches=1, log_interval=2, mixup=0.8, cutmix=1.0)
+        return ss.Trainer.create(config, net, data, output=tmp_path / folder, on_update=on_update)
+
+    reference = trainer("ref")
+    reference.fit()
+
+    def preempt(_, update):
+        if update == 9:   # step 3 of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match=r"at epoch 2, step 3 of 6 \(update 9\)"):
+        trainer("run", preempt).fit()
+    resumed = trainer("run")
+    np.random.seed(123)   # the checkpoint's generator states must win over whatever the process holds
+    assert resumed.fit(resume=True) == {"epochs_done": 2, "finished": True}
+    for (name, a), (_, b) in zip(reference.unwrapped.state_dict().items(), resumed.unwrapped.state_dict().items()):
+        if not name.endswith("_extra_state"):
+            assert torch.equal(a, b), name
