@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .augment import CROP_MODES, MIXUP_MODES
 from .errors import ConfigError
 from .run_folder import RESOLVED_KEY
 from .settings import EXPORT_FORMATS, METHODS, SHAPE_NAMES
@@ -39,6 +40,31 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout", type=int, default=0, help="hold N training examples out; BatchNorm is then recomputed on them")
     g.add_argument("-j", "--workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--bn-batches", type=int, default=20, help="batches used to recompute BatchNorm at each evaluated point")
+    add_augment_args(p)
+
+
+def add_augment_args(p: argparse.ArgumentParser) -> None:
+    """timm's train.py augmentation flags: per-image transforms (default: the dataset's) and batch mixing."""
+    g = p.add_argument_group("training augmentation (timm names; evaluation and BatchNorm images are never augmented)")
+    g.add_argument("--hflip", type=float, default=None,
+                   help="horizontal flip probability (default: the dataset's: 0 Fashion-MNIST, 0.5 CIFAR and image folders)")
+    g.add_argument("--vflip", type=float, default=None, help="vertical flip probability (default: 0)")
+    g.add_argument("--color-jitter", type=float, default=None,
+                   help="brightness / contrast / saturation jitter factor, 0 = off (default: 0, image folders timm's 0.4)")
+    g.add_argument("--train-crop-mode", default=None, choices=list(CROP_MODES),
+                   help="random crop: pad (pad 4 px and crop back: [G]/[W]'s CIFAR crop), none, or timm's rrc | rkrc | rkrr "
+                        "(default: none Fashion-MNIST, pad CIFAR, rrc image folders)")
+    g.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="area range of timm's random resized crop (default timm's 0.08 1; with --train-crop-mode rrc)")
+    g.add_argument("--ratio", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="aspect ratio range of timm's random resized crop (default timm's 3/4 4/3; with --train-crop-mode rrc)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, timm's Mixup on each batch; 0 = off (default: %(default)s)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha; 0 = off (default: %(default)s)")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch (default: %(default)s)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="with --mixup and --cutmix: probability of CutMix instead of mixup (default: %(default)s)")
+    g.add_argument("--mixup-mode", default="batch", choices=list(MIXUP_MODES),
+                   help="one mixing coefficient per batch, pair or element (default: %(default)s)")
 
 
 def add_optim_args(p: argparse.ArgumentParser, *, lr: float = 0.05, epochs: int = 10, sched: str = "cosine", warmup: int = 0, wd: float = 5e-4,

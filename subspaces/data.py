@@ -9,12 +9,18 @@ input a model expects is :mod:`subspaces.input_spec`.
 
 Decisions callers must know
 ---------------------------
+* Every image goes through timm's ``create_transform`` (its config from
+  ``resolve_data_config``, with the dataset's size, mean and std given explicitly): the
+  in-memory uint8 Fashion-MNIST / CIFAR arrays become PIL images per item. At the native
+  size without augmentation a tensor is ``(x / 255 - mean) / std``, exactly as before timm
+  did the work.
 * Fashion-MNIST / CIFAR images whose native size (28 / 32) differs from the
-  requested ``img_size`` are **resized** (bilinear, antialiased, on the [0, 1]
-  image before normalisation), never padded.
-* Fashion-MNIST is never augmented (``augment`` only affects CIFAR and
-  image folders), so ``bundle.train`` and ``bundle.bn`` yield identical tensors.
-* CIFAR augmentation (and timm's image-folder augmentation) draws from the global
+  requested ``img_size`` are **resized** (PIL bilinear, antialiased, on the uint8 image,
+  so rounded to uint8 before normalisation), never padded.
+* Fashion-MNIST is not augmented by default, so ``bundle.train`` and ``bundle.bn`` yield
+  identical tensors; CIFAR's default is the papers' pad-4 random crop + flip; an
+  :class:`~subspaces.augment.Augmentation` (``--hflip``, ``--color-jitter``, ...) changes either.
+* Augmentation draws from the global
   RNGs (torch's; timm also uses Python's ``random``): reproducible with
   ``num_workers > 0`` through the seeded loader generator of :func:`make_loader`
   (workers are seeded from it), and with ``num_workers == 0`` once the caller seeds
@@ -30,17 +36,20 @@ import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .augment import PAD_PIXELS, TIMM_CROP_MODES, Augmentation, for_dataset
 from .data_sources import fashion_mnist_root, load_cifar, load_fashion_mnist
 from .errors import DatasetNotFoundError
 from .input_spec import infer_input_spec, required_img_size
 
 __all__ = [
     "DATASETS",
+    "Augmentation",
     "DataBundle",
     "DatasetNotFoundError",
     "build_datasets",
@@ -58,7 +67,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-# ITU-R 601-2 luma weights, the ones torchvision's rgb_to_grayscale uses.
+# ITU-R 601-2 luma weights (torchvision's rgb_to_grayscale, PIL's "L" conversion): RGB statistics -> grey.
 _LUMA = (0.2989, 0.587, 0.114)
 
 
@@ -74,7 +83,7 @@ class DataBundle:
     normalised with ``mean``/``std``; ``y`` an ``int`` in ``[0, num_classes)``.
     """
 
-    train: Dataset  # training split (augmented for CIFAR / image folders when augment=True)
+    train: Dataset  # training split, augmented as build_datasets(augment=...) says (default: CIFAR, image folders)
     eval: Dataset  # test split, no augmentation
     holdout: Dataset | None  # held-out part of the training set, no augmentation
     bn: Dataset  # training images without augmentation, same indices as ``train``
@@ -85,51 +94,45 @@ class DataBundle:
     std: tuple[float, ...]
 
 
+#: bytes of transformed images an unaugmented in-memory split keeps per process: each image then
+#: goes through PIL and timm's transform once, not once per epoch (Fashion-MNIST's 60,000 training
+#: images at 28 px take 188 MB)
+CACHE_BYTES = 1 << 30
+
+
 class _ArrayImageDataset(Dataset):
-    """In-memory uint8 images ``[N, C0, H0, W0]`` + int64 targets ``[N]``.
+    """In-memory uint8 images + int64 targets ``[N]``; ``__getitem__`` -> ``(transform(image), int)``.
 
-    ``__getitem__`` -> float32 ``[in_chans, img_size, img_size]``: scale to [0, 1], convert
-    channels (1 -> 3 by repetition, 3 -> 1 by luma), optional augmentation, bilinear resize
-    when the size differs, normalise."""
+    ``pixels``: ``[N, H, W]`` (grey) or ``[N, H, W, 3]`` (RGB) uint8, shared by every split. Each
+    image becomes a PIL image in ``mode`` ("L" or "RGB": PIL's conversion repeats grey, RGB -> grey
+    uses its ITU-R 601-2 luma) and goes through ``transform`` (timm's, ending in ToTensor +
+    Normalize: float32 ``[C, S, S]``). A ``deterministic`` transform's outputs are kept (up to
+    :data:`CACHE_BYTES`) and handed out as copies."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        *,
-        in_chans: int,
-        img_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        self.images = images
+    def __init__(self, pixels: torch.Tensor, targets: torch.Tensor, *, mode: str, transform: Callable[[Any], torch.Tensor],
+                 deterministic: bool = False) -> None:
+        self.pixels = pixels
         self.targets = targets
-        self.in_chans = in_chans
-        self.img_size = img_size
-        self.augment = augment
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mode = mode
+        self.transform = transform
+        self.cache: dict[int, torch.Tensor] | None = {} if deterministic else None
+        self.cached_bytes = 0
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.pixels.shape[0])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index].to(torch.float32).div_(255.0)
-        if x.shape[0] != self.in_chans:
-            if x.shape[0] == 1:
-                x = x.expand(self.in_chans, -1, -1)
-            else:
-                w = torch.tensor(_LUMA, dtype=x.dtype).view(3, 1, 1)
-                x = (x * w).sum(0, keepdim=True)
-        if self.augment is not None:
-            x = self.augment(x)
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            x = torch.nn.functional.interpolate(
-                x.unsqueeze(0), size=(self.img_size, self.img_size), mode="bilinear",
-                align_corners=False, antialias=True,
-            ).squeeze(0)
-        x = (x - self._mean) / self._std
+        from PIL import Image
+
+        if self.cache is not None and index in self.cache:
+            return self.cache[index].clone(), int(self.targets[index])
+        image = Image.fromarray(self.pixels[index].numpy())
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        x = self.transform(image)
+        if self.cache is not None and self.cached_bytes + x.nbytes <= CACHE_BYTES:
+            self.cache[index] = x.clone()
+            self.cached_bytes += x.nbytes
         return x, int(self.targets[index])
 
 
@@ -192,9 +195,61 @@ def _take(ds: Dataset, indices: list[int] | None) -> Dataset:
     return ds if indices is None else Subset(ds, indices)
 
 
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` uint8 -> what PIL reads per image: ``[N, H, W]`` (C = 1, a view) or
+    ``[N, H, W, 3]`` (C = 3; no copy for torchvision's CIFAR, whose arrays are stored that way)."""
+    return images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1).contiguous()
+
+
+def _data_config(chans: int, size: int, mean: Sequence[float], std: Sequence[float], model: nn.Module | None) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` with this dataset's input size and statistics given
+    explicitly, so they win over the model's pretrained_cfg (ImageNet's 224 px, mean and std,
+    crop_pct 0.875): evaluation images are resized to ``size`` (bilinear) and centre-cropped to it
+    (crop_pct 1, nothing cut off)."""
+    import timm.data
+
+    args = {"input_size": (chans, size, size), "mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0,
+            "crop_mode": "center", "interpolation": "bilinear"}
+    return dict(timm.data.resolve_data_config(args, model=model))
+
+
+def _array_transforms(cfg: Mapping[str, Any], native_size: int, aug: Augmentation | None
+                      ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """``(train, eval)`` transforms of PIL images, timm's ``create_transform`` from ``cfg``.
+
+    A timm crop mode (rrc, ...) is timm's training transform as it is. Otherwise timm's colour
+    and final stages (ColorJitter; ToTensor + Normalize) follow this geometry: "pad" crops the
+    native image padded by 4 px back to its size at random (the papers' CIFAR crop), then the
+    flips, then the resize to the input size (none at the native size). No augmentation: the
+    train transform is the eval one."""
+    import timm.data
+    from torchvision import transforms
+
+    eval_tf = timm.data.create_transform(**cfg, is_training=False)
+    if aug is None or aug.is_off():
+        return eval_tf, eval_tf
+    jitter = aug.color_jitter or None   # a ColorJitter(0, 0, 0) would still draw from the RNG
+    flips = dict(hflip=aug.hflip or 0.0, vflip=aug.vflip or 0.0)
+    if aug.train_crop_mode in TIMM_CROP_MODES:
+        train_tf = timm.data.create_transform(**cfg, is_training=True, train_crop_mode=aug.train_crop_mode, scale=aug.scale,
+                                              ratio=aug.ratio, color_jitter=jitter, **flips)
+        return train_tf, eval_tf
+    _, colour, final = timm.data.create_transform(**cfg, is_training=True, separate=True, hflip=0.0, vflip=0.0, color_jitter=jitter)
+    geometry: list[Any] = []
+    if aug.train_crop_mode == "pad":
+        geometry.append(transforms.RandomCrop(native_size, padding=PAD_PIXELS))
+    if flips["hflip"]:
+        geometry.append(transforms.RandomHorizontalFlip(flips["hflip"]))
+    if flips["vflip"]:
+        geometry.append(transforms.RandomVerticalFlip(flips["vflip"]))
+    size = cfg["input_size"][-1]
+    geometry += [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(size)]
+    return transforms.Compose([*geometry, *colour.transforms, *final.transforms]), eval_tf
+
+
 def _array_bundle(train_images, train_targets, test_images, test_targets, *, native_size: int,
                   native_chans: int, num_classes: int, mean, std, img_size, in_chans, model,
-                  augment_fn, train_subset, eval_subset, holdout, seed) -> DataBundle:
+                  augmentation: Augmentation | None, train_subset, eval_subset, holdout, seed) -> DataBundle:
     if model is not None:
         model_chans, _ = infer_input_spec(model)
         if in_chans is None:
@@ -204,11 +259,13 @@ def _array_bundle(train_images, train_targets, test_images, test_targets, *, nat
     chans = _check_chans(in_chans, native_chans)
     size = _check_size(img_size, native_size)
     mean, std = _convert_stats(mean, std, chans)
-    common = dict(in_chans=chans, img_size=size, mean=mean, std=std)
-    plain_train = _ArrayImageDataset(train_images, train_targets, **common)
-    aug_train = (_ArrayImageDataset(train_images, train_targets, augment=augment_fn, **common)
-                 if augment_fn is not None else plain_train)
-    test = _ArrayImageDataset(test_images, test_targets, **common)
+    train_tf, eval_tf = _array_transforms(_data_config(chans, size, mean, std, model), native_size, augmentation)
+    mode = "L" if chans == 1 else "RGB"
+    train_pixels = _pixels(train_images)
+    plain_train = _ArrayImageDataset(train_pixels, train_targets, mode=mode, transform=eval_tf, deterministic=True)
+    aug_train = (_ArrayImageDataset(train_pixels, train_targets, mode=mode, transform=train_tf)
+                 if train_tf is not eval_tf else plain_train)
+    test = _ArrayImageDataset(_pixels(test_images), test_targets, mode=mode, transform=eval_tf, deterministic=True)
     train_idx, held_idx = _split_indices(len(plain_train), subset=train_subset, holdout=holdout,
                                          seed=seed, what="train_subset")
     eval_idx, _ = _split_indices(len(test), subset=eval_subset, holdout=0, seed=seed, what="eval_subset")
@@ -221,8 +278,8 @@ def _array_bundle(train_images, train_targets, test_images, test_targets, *, nat
     )
 
 
-def _imagefolder_bundle(path_str: str, *, img_size, in_chans, model, augment, train_subset,
-                        eval_subset, holdout, seed) -> DataBundle:
+def _imagefolder_bundle(path_str: str, *, img_size, in_chans, model, augmentation: Augmentation | None, mean, std,
+                        train_subset, eval_subset, holdout, seed) -> DataBundle:
     import timm.data
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.vision import StandardTransform
@@ -249,12 +306,17 @@ def _imagefolder_bundle(path_str: str, *, img_size, in_chans, model, augment, tr
     _, h, w = cfg["input_size"]
     size = _check_size(img_size, int(w))
     cfg["input_size"] = (chans, size, size) if img_size is not None else (chans, int(h), int(w))
-    mean, std = _convert_stats(cfg["mean"], cfg["std"], chans)
+    mean, std = _convert_stats(cfg["mean"] if mean is None else mean, cfg["std"] if std is None else std, chans)
     cfg["mean"], cfg["std"] = mean, std
     mode = "L" if chans == 1 else "RGB"
 
-    train_tf = timm.data.create_transform(**cfg, is_training=bool(augment))
     eval_tf = timm.data.create_transform(**cfg, is_training=False)
+    if augmentation is None:
+        train_tf = eval_tf
+    else:
+        a = augmentation
+        train_tf = timm.data.create_transform(**cfg, is_training=True, train_crop_mode=a.train_crop_mode, scale=a.scale,
+                                              ratio=a.ratio, hflip=a.hflip, vflip=a.vflip, color_jitter=a.color_jitter or None)
     loader = _PilLoader(mode)
     train_aug = ImageFolder(str(train_dir), transform=train_tf, loader=loader)
     train_plain = copy.copy(train_aug)  # shares the (possibly huge) sample list
@@ -310,61 +372,69 @@ def build_datasets(
     eval_subset: int | None = None,
     holdout: int = 0,
     seed: int = 0,
-    augment: bool = True,
+    augment: bool | Augmentation = True,
     model: nn.Module | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> DataBundle:
     """Build train / eval / holdout / BN datasets for ``name``.
 
     Every dataset yields ``(x, y)``: ``x`` float32 ``[C, S, S]`` with ``C = bundle.in_chans``,
-    ``S = bundle.img_size``, normalised by ``bundle.mean``/``bundle.std``; ``y`` an int.
+    ``S = bundle.img_size``, normalised by ``bundle.mean``/``bundle.std``; ``y`` an int. Each
+    image goes through timm's ``create_transform`` (config from ``resolve_data_config``) as a
+    PIL image; Fashion-MNIST and CIFAR stay in memory as uint8 arrays.
 
     Args:
-        name: ``"fashion-mnist"`` (28x28 grey, 60000/10000, mean 0.2860 std 0.3530, never
-            augmented), ``"cifar10"`` / ``"cifar100"`` (32x32 RGB, 50000/10000, train
-            augmentation RandomCrop(32, padding=4) + horizontal flip), or
+        name: ``"fashion-mnist"`` (28x28 grey, 60000/10000, mean 0.2860 std 0.3530, not
+            augmented by default), ``"cifar10"`` / ``"cifar100"`` (32x32 RGB, 50000/10000, train
+            augmentation RandomCrop(32, padding=4) + horizontal flip by default), or
             ``"imagefolder:PATH"`` (``PATH/train`` and ``PATH/val`` or ``PATH/test``,
             one sub-folder per class; timm transforms from ``model``'s data config or
             from ``img_size``, default 224).
         root: data folder (Fashion-MNIST: see :func:`fashion_mnist_root`; CIFAR: where
             ``cifar-10-batches-py`` / ``cifar-100-python`` lives or is downloaded to;
             default ``$SUBSPACES_DATA`` then the cache). Ignored for ``imagefolder:``.
-        img_size: output side ``S``. Fashion-MNIST / CIFAR images are **resized**
-            (bilinear, antialiased) when it differs from 28 / 32. Default: native size, or
-            the exact size a fixed-size ``model`` (strict ViT patch embedding) requires.
-        in_chans: 1 or 3. Grey -> 3 repeats the channel; RGB -> 1 uses luma weights.
+        img_size: output side ``S``. Fashion-MNIST / CIFAR images are **resized** (PIL
+            bilinear, antialiased, on the uint8 image) when it differs from 28 / 32. Default:
+            native size, or the exact size a fixed-size ``model`` (strict ViT patch embedding) requires.
+        in_chans: 1 or 3. Grey -> 3 repeats the channel; RGB -> 1 uses PIL's luma conversion.
             Default: the model's input channels when ``model`` is given, else native.
         train_subset, eval_subset: keep only N examples, chosen by a permutation seeded
             with ``seed`` (same seed -> same subset; sorted original order).
         holdout: move N training examples (disjoint from ``train``) into ``bundle.holdout``
             (no augmentation); ``None`` in the bundle when 0.
         seed: seed of the subset / holdout permutations.
-        augment: enable training augmentation (CIFAR, image folders).
+        augment: training augmentation of ``bundle.train``: True = the dataset's default,
+            False = none, or an :class:`~subspaces.augment.Augmentation` (its ``None`` fields
+            take the dataset's default). ``eval``, ``holdout`` and ``bn`` are never augmented.
         model: optional timm model used to resolve input channels / size (and timm's
             data config for image folders), see :func:`infer_input_spec`.
+        mean, std: normalisation instead of the dataset's (image folders: the model's
+            pretrained_cfg's), adapted to ``in_chans`` like the dataset's.
 
     Raises:
         ValueError: unknown ``name`` (lists valid names) or inconsistent sizes.
+        ConfigError: an augmentation that does not apply to the dataset.
         DatasetNotFoundError: data missing and not obtainable.
     """
     common = dict(train_subset=train_subset, eval_subset=eval_subset, holdout=holdout, seed=seed)
+    chosen = augment if isinstance(augment, Augmentation) else Augmentation() if augment else None
     if name == "fashion-mnist":
         tr_x, tr_y, te_x, te_y = load_fashion_mnist(root)
         return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=28, native_chans=1, num_classes=10,
-                             mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, img_size=img_size,
-                             in_chans=in_chans, model=model, augment_fn=None, **common)
+                             mean=FASHION_MNIST_MEAN if mean is None else mean, std=FASHION_MNIST_STD if std is None else std,
+                             img_size=img_size, in_chans=in_chans, model=model,
+                             augmentation=chosen and for_dataset(chosen, name), **common)
     if name in ("cifar10", "cifar100"):
-        from torchvision import transforms
-
         tr_x, tr_y, te_x, te_y, num_classes = load_cifar(name, root)
-        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-        aug = (transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
-               if augment else None)
-        return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=32, native_chans=3,
-                             num_classes=num_classes, mean=mean, std=std, img_size=img_size,
-                             in_chans=in_chans, model=model, augment_fn=aug, **common)
+        own_mean, own_std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+        return _array_bundle(tr_x, tr_y, te_x, te_y, native_size=32, native_chans=3, num_classes=num_classes,
+                             mean=own_mean if mean is None else mean, std=own_std if std is None else std,
+                             img_size=img_size, in_chans=in_chans, model=model,
+                             augmentation=chosen and for_dataset(chosen, name), **common)
     if isinstance(name, str) and name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
-        return _imagefolder_bundle(name[len("imagefolder:"):], img_size=img_size, in_chans=in_chans,
-                                   model=model, augment=augment, **common)
+        return _imagefolder_bundle(name[len("imagefolder:"):], img_size=img_size, in_chans=in_chans, model=model,
+                                   augmentation=chosen and for_dataset(chosen, name), mean=mean, std=std, **common)
     valid = ", ".join(repr(d) for d in DATASETS)
     raise ValueError(f"unknown dataset {name!r}; valid names: {valid}, or 'imagefolder:PATH'")
 

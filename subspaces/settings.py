@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import timm
 
+from .augment import augmentation_from, check_mixup, for_dataset
 from .data import DATASETS
 from .errors import ConfigError
 
@@ -130,19 +131,29 @@ class DataConfig(Settings):
     holdout: int = 0
     workers: int = 0
     bn_batches: int = 20
+    # training images' augmentation (subspaces.augment.Augmentation); None: the dataset's default
+    hflip: float | None = None
+    vflip: float | None = None
+    color_jitter: float | None = None
+    train_crop_mode: str | None = None
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
 
     def validate(self) -> None:
         super().validate()
         _at_least(self, 1, "train_subset", "eval_subset", "bn_batches")
         _at_least(self, 0, "holdout", "workers")
         check_dataset_name(self.dataset)
+        for_dataset(augmentation_from(self), self.dataset)
 
 
 @dataclass(kw_only=True)
 class TrainConfig(Settings):
     """What the training loop reads. Optimiser and scheduler are timm's (``create_optimizer_v2``,
     ``create_scheduler_v2`` stepped per update); the regularisers are [W]'s cos^2 (``beta``) and
-    [B]'s volume term (``volume_lambda`` on the ``volume_form`` scale), see docs/science.md §4-§5."""
+    [B]'s volume term (``volume_lambda`` on the ``volume_form`` scale), see docs/science.md §4-§5.
+    ``mixup`` / ``cutmix`` > 0 mix every training batch with timm's ``Mixup`` (soft targets,
+    ``smoothing`` included)."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -155,6 +166,11 @@ class TrainConfig(Settings):
     warmup_epochs: int = 0
     min_lr: float = 0.0
     smoothing: float = 0.0
+    mixup: float = 0.0              # timm's Mixup: Beta(alpha, alpha) of mixup, 0 = off
+    cutmix: float = 0.0             # Beta(alpha, alpha) of CutMix, 0 = off
+    mixup_prob: float = 1.0         # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of CutMix instead of mixup
+    mixup_mode: str = "batch"       # one mixing coefficient per batch, per pair or per element
     grad_accum_steps: int = 1
     mixed_precision: str | None = None   # None: the launcher's (accelerate config), else "no"
     cpu: bool = False
@@ -181,6 +197,7 @@ class TrainConfig(Settings):
             raise ConfigError(f"--layer-decay must be in (0, 1] (timm uses e.g. 0.75), got {self.layer_decay}")
         if self.volume_lambda < 0:
             raise ConfigError(f"--volume-lambda must be >= 0, got {self.volume_lambda}")
+        check_mixup(self.mixup, self.cutmix, self.mixup_prob, self.mixup_switch_prob, self.mixup_mode, self.smoothing)
         _one_of(self, "mixed_precision", (None, "no", "bf16", "fp16"))
         _one_of(self, "beta_params", ("weights", "all"))
         _one_of(self, "volume_form", ("benton", "log"))

@@ -35,17 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 from accelerate.logging import get_logger
 
+from .augment import augmentation_from, batch_mixer, mix_batch
 from .bn import update_bn
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
@@ -76,14 +79,20 @@ def create_timm_model(args: ModelConfig, num_classes: int, in_chans: int) -> tup
 
 
 def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[str, Any]]:
-    """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it."""
+    """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it.
+
+    Normalisation: the dataset's mean / std, or with ``pretrained`` the model's pretrained_cfg
+    ones (timm's ``resolve_data_config``), which its weights were trained with."""
     common = dict(root=args.data_dir, img_size=args.img_size, train_subset=args.train_subset,
-                  eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed)
+                  eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed, augment=augmentation_from(args))
     data = build_datasets(args.dataset, in_chans=args.in_chans, **common)
     num_classes = args.num_classes or data.num_classes
     if num_classes < data.num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the {data.num_classes} classes of {args.dataset}")
     model, kwargs = create_timm_model(args, num_classes, args.in_chans or data.in_chans)
+    if args.pretrained:   # pretrained weights expect the inputs they were trained on: their own mean / std
+        stats = timm.data.resolve_data_config({}, model=model)
+        common.update(mean=stats["mean"], std=stats["std"])
     data = build_datasets(args.dataset, in_chans=args.in_chans or data.in_chans, model=model, **common)
     if args.img_size is None and not _accepts(model, data.in_chans, data.img_size):
         size = infer_input_spec(model)[1]
@@ -124,11 +133,14 @@ def _accepts(model: nn.Module, in_chans: int, size: int) -> bool:
 
 
 def build_data_for_spec(args: DataRun, spec: dict[str, Any], model: nn.Module) -> DataBundle:
-    """The dataset a trained model was made for (``spec``), unless ``args.dataset`` says otherwise."""
+    """The dataset a trained model was made for (``spec``: its size, channels and normalisation),
+    unless ``args.dataset`` says otherwise; training images augmented as the settings say."""
     args.dataset = args.dataset or spec.get("dataset", "fashion-mnist")
+    same = args.dataset == spec.get("dataset", args.dataset)
     return build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
                           train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout,
-                          seed=args.seed, model=model)
+                          seed=args.seed, model=model, augment=augmentation_from(args),
+                          mean=spec.get("mean") if same else None, std=spec.get("std") if same else None)
 
 
 def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.Module:
@@ -332,6 +344,8 @@ class Trainer:
     updates: int = 0
     examples_seen: int = 0     # by this rank in this process
     volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in _setup from the seed
+    mixer: Any = None   # timm's Mixup (--mixup / --cutmix), built in _setup
+    _soft_target_loss: nn.Module = field(default_factory=SoftTargetCrossEntropy, init=False, repr=False)
     _net: nn.Module | None = field(default=None, init=False, repr=False)   # the prepared model unwrapped, once
 
     @classmethod
@@ -357,6 +371,7 @@ class Trainer:
         a, acc = self.args, self.accelerator
         self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
                                              layer_decay=getattr(a, "layer_decay", None))
+        self.mixer = batch_mixer(a, int(self.spec.get("num_classes") or self.data.num_classes))
         train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
@@ -387,8 +402,16 @@ class Trainer:
         else:
             self.scheduler.step()
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.args.smoothing)
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy: against class indices ``[B]`` (label smoothing ``--smoothing``), or
+        against mixup's soft targets ``[B, K]`` (smoothing already in them; timm's SoftTargetCrossEntropy)."""
+        if target.dim() == 2:
+            return self._soft_target_loss(logits.float(), target)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.args.smoothing)
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch and its loss target: mixup / CutMix of the batch with soft targets, or as it is."""
+        return (x, y) if self.mixer is None else mix_batch(self.mixer, x, y)
 
     def _regulariser(self) -> torch.Tensor | None:
         """beta cos^2 [W] minus the volume term [B] (``--volume-form``), or None for a plain model."""
@@ -516,11 +539,12 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
+                x, target = self._mix(x, y)   # train accuracy below stays against the original labels y
                 with accumulate():
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
-                        acc.backward(self._loss(self.model(x), y) / samples)
+                        acc.backward(self._loss(self.model(x), target) / samples)
                     logits = self.model(x)
-                    data_loss = self._loss(logits, y)
+                    data_loss = self._loss(logits, target)
                     loss = data_loss / samples if samples > 1 else data_loss
                     reg = self._regulariser()
                     if reg is not None:

@@ -118,6 +118,13 @@ TRAIN_CASES = {
     "empty subset": (["--train-subset", "0"], ["--train-subset must be >= 1"]),
     "negative holdout": (["--holdout", "-1"], ["--holdout must be >= 0"]),
     "no bn batches": (["--bn-batches", "0"], ["--bn-batches must be >= 1"]),
+    "hflip above 1": (["--hflip", "1.5"], ["--hflip is a probability: it must be in [0, 1], got 1.5"]),
+    "negative color jitter": (["--color-jitter", "-0.4"], ["--color-jitter must be >= 0"]),
+    "scale without rrc": (["--scale", "0.5", "1"], ["--scale sets timm's random resized crop", "--train-crop-mode rrc"]),
+    "negative mixup": (["--mixup", "-1"], ["--mixup is a Beta(alpha, alpha) parameter: it must be >= 0"]),
+    "mixup prob above 1": (["--mixup", "0.8", "--mixup-prob", "2"], ["--mixup-prob is a probability: it must be in [0, 1], got 2.0"]),
+    "pad crop on an image folder": (["--dataset", "imagefolder:/no/such/folder", "--train-crop-mode", "pad"],
+                                    ["--train-crop-mode pad needs images of one native size", "rrc | rkrc | rkrr"]),
 }
 
 

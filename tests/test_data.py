@@ -277,10 +277,16 @@ def test_fashion_mnist_three_channels_resized(fmnist_root):
     torch.testing.assert_close(x[0], x[1])
     torch.testing.assert_close(x[0], x[2])
     assert b.eval[0][0].shape == (3, 32, 32)
-    # documented: resized (bilinear, antialiased), not padded
-    raw = _raw_train_images(fmnist_root)[b.train.indices[0]].float()[None, None] / 255
-    expected = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    # documented: resized (PIL bilinear, antialiased, on the uint8 image), not padded
+    from PIL import Image
+
+    raw = _raw_train_images(fmnist_root)[b.train.indices[0]]
+    pil = np.asarray(Image.fromarray(raw.numpy()).resize((32, 32), Image.BILINEAR))
+    expected = torch.from_numpy(pil.copy()).float() / 255
     torch.testing.assert_close(x[0] * 0.3530 + 0.2860, expected, atol=1e-5, rtol=0)
+    # within one grey level of the float resize (torch, antialiased) used before timm's transforms
+    before = F.interpolate(raw.float()[None, None] / 255, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    assert (expected - before).abs().max() <= 1 / 255 + 1e-6
 
     small = D.build_datasets("fashion-mnist", root=fmnist_root, train_subset=4, img_size=20)
     assert small.train[0][0].shape == (1, 20, 20)
@@ -490,3 +496,27 @@ def test_build_datasets_follows_model(fmnist_root):
     assert (b.in_chans, b.img_size) == (3, 28)
     with torch.no_grad():
         assert resnet(torch.stack([b.train[0][0], b.train[1][0]])).shape == (2, 10)
+
+
+def test_unaugmented_images_are_transformed_once_and_handed_out_as_copies(monkeypatch):
+    """Deterministic splits keep each transformed image (up to CACHE_BYTES) and return copies;
+    an augmented training split draws anew every time."""
+    from subspaces.augment import Augmentation
+
+    bundle = D.build_datasets("fashion-mnist", train_subset=16, eval_subset=8, seed=0)
+    plain = bundle.eval.dataset
+    first, _ = bundle.eval[0]
+    reference = first.clone()
+    first.add_(1.0)                                   # the caller's copy, not the kept one
+    again, _ = bundle.eval[0]
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    assert len(plain.cache) == 1 and plain.cached_bytes == again.nbytes
+
+    monkeypatch.setattr(D, "CACHE_BYTES", 2 * again.nbytes)
+    small = D.build_datasets("fashion-mnist", train_subset=16, eval_subset=8, seed=0)
+    for i in range(5):
+        small.eval[i]
+    assert len(small.eval.dataset.cache) == 2, "the cache stops at CACHE_BYTES"
+
+    flipped = D.build_datasets("fashion-mnist", train_subset=16, eval_subset=8, seed=0, augment=Augmentation(hflip=0.5))
+    assert flipped.train.dataset.cache is None and flipped.bn.dataset.cache is not None

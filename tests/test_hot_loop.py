@@ -85,7 +85,8 @@ def _trainer(tmp_path, data, shape: str, **config):
     return ss.Trainer.create(ss.TrainConfig(**settings), net, data, output=tmp_path / shape)
 
 
-@pytest.mark.parametrize("shape, config", [("plain", {}), ("line", {"beta": 1.0}), ("simplex", {"volume_lambda": 1e-6, "samples_per_step": 2})])
+@pytest.mark.parametrize("shape, config", [("plain", {}), ("line", {"beta": 1.0}), ("simplex", {"volume_lambda": 1e-6, "samples_per_step": 2}),
+                                           ("line", {"mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1})])
 def test_no_host_read_between_log_intervals(tmp_path, data, monkeypatch, shape, config):
     reads, checks = HostReads(), []
     trainer = _trainer(tmp_path, data, shape, **config)
