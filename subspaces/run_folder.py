@@ -31,6 +31,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from filelock import FileLock, Timeout
 from accelerate.logging import get_logger
 
+from .checkpoint import DEFAULT_HISTORY, project_configuration
 from .config import RESOLVED_KEY, save_config
 from .errors import ConfigError
 from .train_config import TrainConfig
@@ -74,7 +75,10 @@ def make_accelerator(args: TrainConfig | argparse.Namespace, project_dir: str | 
     ``mixed_precision`` None takes the launcher's (``accelerate launch --mixed_precision``,
     ``accelerate config``); the precision that runs is written back into ``args`` so the saved
     config records it. fp16 on the CPU is refused: accelerate would run fp32 and say nothing.
-    ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``.
+    ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``
+    (accelerate's ``logging_dir``). With a ``project_dir``, accelerate names the checkpoints
+    itself: ``project_dir/checkpoints/checkpoint_<i>``, the newest ``args.checkpoint_hist`` kept
+    (:mod:`subspaces.checkpoint`).
     """
     on_cpu = bool(getattr(args, "cpu", False)) or not torch.accelerator.is_available()
     requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -92,7 +96,8 @@ def make_accelerator(args: TrainConfig | argparse.Namespace, project_dir: str | 
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
         log_with=log_with,
-        project_dir=str(Path(project_dir) / TRACKER_DIR) if log_with and project_dir is not None else None,
+        project_config=None if project_dir is None else project_configuration(
+            project_dir, getattr(args, "checkpoint_hist", DEFAULT_HISTORY), logging_dir=Path(project_dir) / TRACKER_DIR),
     )
     args.mixed_precision = str(accelerator.mixed_precision)
     return accelerator

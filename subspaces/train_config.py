@@ -44,11 +44,14 @@ class TrainConfig:
     bn_batches: int = 20
     eval_every: int = 1
     log_interval: int = 50
+    checkpoint_hist: int = 2   # checkpoints kept (accelerate's total_limit); >= 2 so a kill mid-save leaves one
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "samples_per_step", "bn_batches", "eval_every", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_hist < 2:
+            raise ConfigError(f"TrainConfig.checkpoint_hist must be >= 2 (a kill during a save would leave no checkpoint), got {self.checkpoint_hist}")
         if self.lr <= 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_epochs < max(self.epochs, 1) and self.warmup_epochs:
