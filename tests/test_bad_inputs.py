@@ -118,6 +118,7 @@ TRAIN_CASES = {
     "empty subset": (["--train-subset", "0"], ["--train-subset must be >= 1"]),
     "negative holdout": (["--holdout", "-1"], ["--holdout must be >= 0"]),
     "no bn batches": (["--bn-batches", "0"], ["--bn-batches must be >= 1"]),
+    "one checkpoint kept": (["--checkpoint-hist", "1"], ["--checkpoint-hist 1 is too small", "--checkpoint-hist 2 or more"]),
 }
 
 
@@ -150,7 +151,7 @@ def test_full_disk_is_refused_before_training(recipe, tmp_path, monkeypatch):
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ss_training.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(ss_run_folder.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     out = tmp_path / "run"
     one_error(recipe("train.py", *TINY, "--output", out), "only 10 MiB free in", "--output")
     assert sorted(p.name for p in out.iterdir()) == [], "no probe or config file left behind"

@@ -35,7 +35,7 @@ def test_a_line_trains_from_python_without_argparse(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad, message", [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"volume_form": "cubic"}, "volume_form"),
-                                          ({"mixed_precision": "fp8"}, "mixed_precision")])
+                                          ({"mixed_precision": "fp8"}, "mixed_precision"), ({"checkpoint_hist": 1}, "checkpoint_hist")])
 def test_train_config_refuses_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
         ss.TrainConfig(**bad)
