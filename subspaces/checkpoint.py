@@ -41,7 +41,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from .errors import CheckpointError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .io import atomic_path, file_digest
 
 #: accelerate's folder of automatically named checkpoints, under the project directory
@@ -80,9 +80,18 @@ class TrainingProgress:
         self.within_epoch = state.get("within_epoch")
 
 
+def check_history(history: int) -> None:
+    """ConfigError unless at least 2 checkpoints are kept: accelerate deletes the oldest before
+    writing the next, so with 1 a kill during a save would leave none."""
+    if history < 2:
+        raise ConfigError(f"--checkpoint-hist {history} is too small: a save first deletes the oldest checkpoint, "
+                          "so a kill during it would leave none; use --checkpoint-hist 2 or more")
+
+
 def project_configuration(out: str | os.PathLike, history: int = DEFAULT_HISTORY, logging_dir: str | os.PathLike | None = None) -> ProjectConfiguration:
     """accelerate's ProjectConfiguration for a run folder: checkpoints under ``out/checkpoints``,
-    the newest ``history`` kept; trackers under ``logging_dir``."""
+    the newest ``history`` (>= 2) kept; trackers under ``logging_dir``."""
+    check_history(history)
     return ProjectConfiguration(project_dir=str(out), logging_dir=str(logging_dir) if logging_dir is not None else None,
                                 automatic_checkpoint_naming=True, total_limit=history)
 
@@ -90,6 +99,7 @@ def project_configuration(out: str | os.PathLike, history: int = DEFAULT_HISTORY
 def use_run_folder(accelerator: Accelerator, out: str | os.PathLike, history: int = DEFAULT_HISTORY) -> None:
     """Point ``accelerator``'s automatic checkpoint naming at ``out/checkpoints`` keeping ``history``
     folders (for accelerators made elsewhere; :func:`subspaces.run_folder.make_accelerator` does it)."""
+    check_history(history)
     config = accelerator.project_configuration
     config.project_dir = str(out)
     config.automatic_checkpoint_naming = True

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import DEFAULT_HISTORY, check_history
 from .data import DATASETS
 from .errors import ConfigError
 from .io import atomic_path
@@ -69,7 +70,7 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--output", default=output, help="run directory (default: %(default)s)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the stopped run in DIR (its config.yaml is used)")
-    g.add_argument("--checkpoint-hist", type=int, default=2, metavar="N",
+    g.add_argument("--checkpoint-hist", type=int, default=DEFAULT_HISTORY, metavar="N",
                    help="checkpoints kept in OUTPUT/checkpoints, the newest N, at least 2: a kill during a save leaves the one before (default: %(default)s)")
     g.add_argument("--log-interval", type=int, default=50, help="steps between plain-text progress lines when not on a terminal")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (always after the last)")
@@ -126,9 +127,7 @@ def validate_common_args(args: argparse.Namespace, counts: tuple[str, ...] = ("e
         raise ConfigError(f"--layer-decay must be in (0, 1] (timm uses e.g. 0.75), got {layer_decay}")
     if getattr(args, "samples_per_step", 1) < 1:
         raise ConfigError(f"--samples-per-step must be >= 1, got {args.samples_per_step}")
-    if getattr(args, "checkpoint_hist", 2) < 2:
-        raise ConfigError(f"--checkpoint-hist {args.checkpoint_hist} is too small: a save first deletes the oldest checkpoint, "
-                          "so a kill during it would leave none; use --checkpoint-hist 2 or more")
+    check_history(getattr(args, "checkpoint_hist", DEFAULT_HISTORY))
     if getattr(args, "holdout", 0) < 0:
         raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
     check_dataset_name(getattr(args, "dataset", None))
