@@ -25,6 +25,10 @@ What stays here, and why accelerate cannot do it (accelerate 1.16):
   :func:`prepare_saves` sets it past the checkpoint resumed from and removes newer cut folders,
   which would otherwise count against ``total_limit`` and push the last complete one out;
 - non-finite weights are never saved over a good checkpoint (:func:`save_checkpoint`).
+
+accelerate loads registered objects with ``torch.load(weights_only=False)`` (a pickle), so a
+checkpoint folder is code that runs on resume: resume only run folders you trust. The manifest
+catches damage, not forgery; :func:`read_progress` itself reads with ``weights_only=True``.
 """
 
 from __future__ import annotations
