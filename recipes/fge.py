@@ -1,7 +1,7 @@
 """Fast Geometric Ensembling [G] (docs/science.md §3): cycle the learning rate from a trained network.
 
 Starts from a trained network and its optimiser state (a run folder of recipes/train.py: its
-``model.safetensors`` and the momentum buffers in ``checkpoint/optimizer.bin``), runs SGD with
+``model.safetensors`` and the momentum buffers in its newest ``checkpoints/checkpoint_<i>/optimizer.bin``), runs SGD with
 the per-iteration cyclical learning rate (alpha1 -> alpha2 -> alpha1 over a cycle of c
 iterations, c even) and saves a snapshot, BatchNorm recomputed, whenever mod(i, c) = c/2. At the
 end it evaluates the ensemble after 1..M snapshots (probabilities averaged) and SWA (the

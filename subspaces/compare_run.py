@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
+from .checkpoint import has_checkpoint, latest_checkpoint, read_progress, remove_checkpoints, save_optimizer_state
 from .compare_plan import OFFSETS, Plan
 from .data import DataBundle
 from .errors import ConfigError, MemberFailed, NonFiniteLossError, Preempted
@@ -32,7 +32,7 @@ from .snapshots import is_finished, train_snapshots
 from .spro import grow_simplex
 from .run_folder import make_accelerator, save_config
 from .settings import CompareConfig, SPROConfig
-from .training import Trainer, create_timm_model, finish_run, save_checkpoint, wrap_subspace
+from .training import Trainer, create_timm_model, finish_run, wrap_subspace
 
 #: environment variables of a distributed launch: a member's worker process must not see them,
 #: or accelerate would join it to the launcher's process group
@@ -40,13 +40,15 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
                     "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+#: FGE's start: the optimiser state (momentum buffers) of Ind network 0 at the pre-training iteration
+PRETRAIN_OPTIMIZER = "optimizer.bin"
+
+
 def log(msg: str) -> None:
     print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
 
 
-def _has_checkpoint(folder: Path) -> bool:
-    return any((folder / n / "progress.json").exists() for n in ("checkpoint", "checkpoint.old"))
 
 
 def train_seconds(folder: Path) -> float:
@@ -84,7 +86,7 @@ class Runner:
         net = wrap_subspace(margs, model, rank=acc.process_index)
         if acc.is_main_process:
             save_config(margs, str(folder / "config.yaml"))
-        resume = _has_checkpoint(folder)
+        resume = has_checkpoint(folder)
         what = "standard network" if subspace == "none" else f"{subspace} from scratch"
         log(f"{folder}: {what}, {epochs} epochs, seed {seed}" + (" (resuming)" if resume else ""))
         trainer = Trainer(margs, net, self.data, self.spec, acc, folder, on_update=on_update)
@@ -97,21 +99,20 @@ class Runner:
             return self.standard(f"ind{j}", seed, self.plan.B)
         folder, pre = self.root / "ind0", self.root / "ind0" / "pretrain"
         P = self.plan.pretrain_iter
-        pre_done = (pre / "model.safetensors").exists() and (pre / "checkpoint" / "progress.json").exists()
-        if not (folder / "results.json").exists() and not pre_done and _has_checkpoint(folder):
-            ckpt = folder / "checkpoint" if (folder / "checkpoint" / "progress.json").exists() else folder / "checkpoint.old"
-            if json.loads((ckpt / "progress.json").read_text())["updates"] >= P:
+        pre_done = (pre / "model.safetensors").exists() and (pre / PRETRAIN_OPTIMIZER).exists()
+        if not (folder / "results.json").exists() and not pre_done and has_checkpoint(folder):
+            if read_progress(latest_checkpoint(folder, verify=False))["updates"] >= P:   # type: ignore[arg-type]
                 log(f"{folder}: its checkpoint is past iteration {P} but the FGE pre-training checkpoint is missing: training it again")
-                for n in ("checkpoint", "checkpoint.old"):
-                    shutil.rmtree(folder / n, ignore_errors=True)
+                remove_checkpoints(folder)
 
         def save_pretrain(trainer: Any, update: int) -> None:
             if update != P:
                 return
-            if trainer.accelerator.is_main_process:
+            if trainer.accelerator.is_main_process:   # FGE starts from these weights and momentum buffers
                 save_model(trainer.unwrapped, pre / "model", {**self.spec, "pretrain_of": str(folder), "iteration": update})
-            save_checkpoint(trainer.accelerator, pre, {"epoch": update / trainer.updates_per_epoch, "updates": update}, trainer.scheduler)
-            log(f"{pre}: checkpoint after iteration {update} ({update / self.plan.budget_iters:.2f}B) saved for FGE")
+                save_optimizer_state(trainer.optimizer, pre / PRETRAIN_OPTIMIZER)
+            trainer.accelerator.wait_for_everyone()
+            log(f"{pre}: weights and optimiser state after iteration {update} ({update / self.plan.budget_iters:.2f}B) saved for FGE")
 
         return self.standard("ind0", seed, self.plan.B, on_update=save_pretrain)
 
@@ -123,13 +124,13 @@ class Runner:
         margs = a.member(str(folder), seed=seed, epochs=epochs)
         acc = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
-        resume = _has_checkpoint(folder)
+        resume = has_checkpoint(folder)
         if method == "fge":
             pre = self.root / "ind0" / "pretrain"
             model = load_model(pre / "model.safetensors")
             log(f"{folder}: FGE from {pre}, {epochs} epochs, cycle {p.fge_cycle} iterations" + (" (resuming)" if resume else ""))
             res = train_snapshots("fge", margs, model, self.data, self.spec, folder, cycle=p.fge_cycle, lr_max=a.fge_lr_max,
-                                  lr_min=a.fge_lr_min, optimizer_state=pre / "checkpoint" / "optimizer.bin", accelerator=acc,
+                                  lr_min=a.fge_lr_min, optimizer_state=pre / PRETRAIN_OPTIMIZER, accelerator=acc,
                                   info={"start": str(pre), "start_iteration": p.pretrain_iter})
         else:
             model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])

@@ -48,7 +48,8 @@ from .io import create_model, load_model, load_weights_into, write_json, write_w
 from .pointwise import evaluate_points
 from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
-from .run_folder import prepare_run, read_config, save_config
+from .checkpoint import has_checkpoint
+from .run_folder import make_accelerator, prepare_run, read_config, save_config
 from .settings import POINT_SEED_STRIDE, ComplexConfig
 from .training import Trainer, bn_loader, build_data_for_spec
 
@@ -346,9 +347,10 @@ def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data:
         stage_args = dataclasses.replace(args, output=str(stage), volume_lambda=0.0 if v == 0 else args.volume_lambda)
         if accelerator.is_main_process:
             save_config(stage_args, str(stage / "config.yaml"))
-        trainer = Trainer(stage_args, sub, data, spec, accelerator, stage)
-        resume = (stage / "checkpoint" / "progress.json").exists() or (stage / "checkpoint.old" / "progress.json").exists()
-        trainer.fit(resume=resume)
+        # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
+        # under its project folder and keeps the objects registered for checkpointing
+        trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
+        trainer.fit(resume=has_checkpoint(stage))
         sub = trainer.unwrapped  # type: ignore[assignment]
         if accelerator.is_main_process:
             save_complex(sub, stage / "complex", spec)

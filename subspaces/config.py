@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .augment import CROP_MODES, MIXUP_MODES
+from .checkpoint import DEFAULT_HISTORY
 from .errors import ConfigError
 from .run_folder import RESOLVED_KEY
 from .settings import EXPORT_FORMATS, METHODS, SHAPE_NAMES
@@ -93,6 +94,8 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--output", default=output, help="run directory (default: %(default)s)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the stopped run in DIR (its config.yaml is used)")
+    g.add_argument("--checkpoint-hist", type=int, default=DEFAULT_HISTORY, metavar="N",
+                   help="checkpoints kept in OUTPUT/checkpoints, the newest N, at least 2: a kill during a save leaves the one before (default: %(default)s)")
     g.add_argument("--log-interval", type=int, default=50, help="steps between plain-text progress lines when not on a terminal")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (always after the last)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")

@@ -118,46 +118,6 @@ def file_digest(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def verify_checkpoint(d: str | os.PathLike) -> dict[str, Any]:
-    """Check a checkpoint folder before resuming from it; returns its ``progress.json``.
-
-    ``progress.json`` must be valid, and every file listed in ``manifest.json`` (``{name: {size,
-    sha256}}``, written by the training loop's save_checkpoint) must have the recorded size and
-    SHA-256. Raises CheckpointError naming the damaged file. Listed files absent here are skipped
-    (per-rank files of other nodes: loading names any that is needed); a checkpoint without a
-    manifest is only checked for its progress.json.
-    """
-    d = Path(d)
-    fix = f"delete {d} to restart the run from scratch, or restore the file"
-
-    def read(name: str) -> dict[str, Any]:
-        try:
-            data = json.loads((d / name).read_text())
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            return data
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot resume: {d / name} is truncated or corrupted ({err}); {fix}") from None
-
-    progress = read("progress.json")
-    if not {"epoch", "updates"} <= set(progress):
-        raise CheckpointError(f"cannot resume: {d / 'progress.json'} lacks 'epoch' / 'updates' (corrupted?); {fix}")
-    files = read("manifest.json") if (d / "manifest.json").exists() else {}
-    for name, want in files.items():
-        path = d / name
-        if not path.exists():
-            continue
-        have = file_digest(path)
-        want = want if isinstance(want, dict) else {}
-        if have["size"] != want.get("size"):
-            raise CheckpointError(f"cannot resume: {path} is truncated or corrupted ({have['size']} bytes, "
-                                  f"{want.get('size')} were written); {fix}")
-        if have["sha256"] != want.get("sha256"):
-            raise CheckpointError(f"cannot resume: {path} is corrupted (its SHA-256 differs from the one "
-                                  f"recorded when it was written); {fix}")
-    return progress
-
-
 def create_model(spec: dict[str, Any]) -> nn.Module:
     """A fresh timm model from a spec: ``timm.create_model(spec['model'], num_classes, in_chans, **model_kwargs)``."""
     kwargs = dict(spec.get("model_kwargs") or {})

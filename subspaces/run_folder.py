@@ -31,6 +31,7 @@ import yaml
 from accelerate.logging import get_logger
 from filelock import FileLock, Timeout
 
+from .checkpoint import project_configuration
 from .errors import ConfigError
 from .io import atomic_path
 from .settings import RecipeConfig, RunConfig, Settings, TrainConfig
@@ -91,7 +92,10 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
     ``mixed_precision`` None takes the launcher's (``accelerate launch --mixed_precision``,
     ``accelerate config``); the precision that runs is written back into ``args`` so the saved
     config records it. fp16 on the CPU is refused: accelerate would run fp32 and say nothing.
-    ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``.
+    ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``
+    (accelerate's ``logging_dir``). With a ``project_dir``, accelerate names the checkpoints
+    itself: ``project_dir/checkpoints/checkpoint_<i>``, the newest ``args.checkpoint_hist`` kept
+    (:mod:`subspaces.checkpoint`).
     """
     on_cpu = args.cpu or not torch.accelerator.is_available()
     requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -109,7 +113,8 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
         log_with=log_with,
-        project_dir=str(Path(project_dir) / TRACKER_DIR) if log_with and project_dir is not None else None,
+        project_config=None if project_dir is None else project_configuration(
+            project_dir, args.checkpoint_hist, logging_dir=Path(project_dir) / TRACKER_DIR),
     )
     args.mixed_precision = str(accelerator.mixed_precision)
     return accelerator

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import timm
 
 from .augment import augmentation_from, check_mixup, for_dataset
+from .checkpoint import DEFAULT_HISTORY, check_history
 from .data import DATASETS
 from .errors import ConfigError
 
@@ -185,9 +186,11 @@ class TrainConfig(Settings):
     bn_batches: int = 20
     eval_every: int = 1
     log_interval: int = 50
+    checkpoint_hist: int = DEFAULT_HISTORY   # checkpoints kept (accelerate's total_limit); >= 2 so a kill mid-save leaves one
 
     def validate(self) -> None:
         super().validate()
+        check_history(self.checkpoint_hist)
         _at_least(self, 1, "epochs", "batch_size", "grad_accum_steps", "samples_per_step", "bn_batches", "eval_every", "log_interval")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")

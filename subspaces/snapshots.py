@@ -1,7 +1,7 @@
 """Fast Geometric Ensembling, snapshot ensembles and SWA on the shared Trainer (docs/science.md §3).
 
 - **FGE** [G]: start from a trained network *and its optimiser state* (the momentum buffers of a
-  run folder's ``checkpoint/optimizer.bin``), then SGD with the per-iteration cyclical learning rate
+  run folder's newest checkpoint, ``checkpoints/checkpoint_<i>/optimizer.bin``), then SGD with the per-iteration cyclical learning rate
   :class:`~subspaces.schedules.FGESchedule`; a snapshot is taken after every iteration i with
   mod(i, c) = c/2 (the learning-rate minimum alpha2).
 - **SSE** [S]: from scratch, cosine annealing restarted every c iterations
@@ -14,7 +14,7 @@ training data (``data.bn``), so an ensemble of snapshots is ``load_ensemble(path
 
 Run folder of :func:`train_snapshots`::
 
-    config.yaml  metrics.jsonl  checkpoint/  snapshots/0000009.safetensors|json ...
+    config.yaml  metrics.jsonl  checkpoints/  snapshots/0000009.safetensors|json ...
     snapshots.json     (written when the run is finished: method, cycle, learning rates, snapshot list)
 """
 
@@ -34,6 +34,7 @@ from torch import nn
 from accelerate.logging import get_logger
 
 from .bn import update_bn
+from .checkpoint import has_checkpoint, optimizer_state_file
 from .errors import ConfigError
 from .data import DataBundle, make_loader
 from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
@@ -161,15 +162,11 @@ class SnapshotSaver:
 # ---------------------------------------------------------------------------------------- pretrained start
 def find_pretrained(path: str | Path) -> tuple[Path, Path | None]:
     """(model file, optimiser state or None) of a trained network: a run folder (its
-    ``model.safetensors`` and ``checkpoint/optimizer.bin``) or a ``.safetensors`` file (the
-    ``checkpoint/`` beside it, if any)."""
+    ``model.safetensors`` and the ``optimizer.bin`` of its newest complete checkpoint) or a
+    ``.safetensors`` file (the checkpoints beside it, if any)."""
     model_path = resolve_model_path(path)
     folder = Path(path) if Path(path).is_dir() else model_path.parent
-    for name in ("checkpoint", "checkpoint.old"):
-        opt = folder / name / "optimizer.bin"
-        if opt.exists():
-            return model_path, opt
-    return model_path, None
+    return model_path, optimizer_state_file(folder)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str | Path | None) -> str:
@@ -257,7 +254,7 @@ def train_snapshots(
 
     ``cycle`` is in iterations (optimiser updates). ``optimizer_state`` (FGE): a saved optimiser
     whose momentum buffers are loaded before the first step. The run resumes from
-    ``output/checkpoint`` when there is one. Returns ``{"finished", "snapshots": [Snapshot],
+    ``output/checkpoints`` when there is a complete one. Returns ``{"finished", "snapshots": [Snapshot],
     "optimizer": sentence}``; a finished run writes ``output/snapshots.json``.
     """
     if method not in METHODS:
@@ -268,7 +265,7 @@ def train_snapshots(
     schedule = make_schedule(method, cycle, lr_max, lr_min)
     loaded = {"optimizer": "SSE starts from scratch: fresh optimiser"} if method == "sse" else {}
 
-    resume = any((out / n / "progress.json").exists() for n in ("checkpoint", "checkpoint.old"))
+    resume = has_checkpoint(out)
     if resume:
         loaded["optimizer"] = "resumed: optimiser and schedule state from this run's own checkpoint"
 

@@ -21,7 +21,8 @@ from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
-from .run_folder import prepare_run, save_config
+from .checkpoint import has_checkpoint
+from .run_folder import make_accelerator, prepare_run, save_config
 from .settings import POINT_SEED_STRIDE, SPROConfig
 from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
 
@@ -49,9 +50,10 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
         stage_args = dataclasses.replace(args, output=str(stage))
         if accelerator.is_main_process:
             save_config(stage_args, str(stage / "config.yaml"))
-        trainer = Trainer(stage_args, sub, data, spec, accelerator, stage)
-        resume = (stage / "checkpoint" / "progress.json").exists() or (stage / "checkpoint.old" / "progress.json").exists()
-        trainer.fit(resume=resume)
+        # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
+        # under its project folder and keeps the objects registered for checkpointing
+        trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
+        trainer.fit(resume=has_checkpoint(stage))
         finish_run(trainer, f"simplex {index}, {v + 1} vertices")
         sub = trainer.unwrapped  # type: ignore[assignment]
     assert sub is not None

@@ -8,11 +8,12 @@ simplexes), then the optimiser (timm's
 ``create_optimizer_v2``) and the scheduler (timm's ``create_scheduler_v2`` stepped per update,
 or a per-iteration torch scheduler such as FGE's) step. After every epoch it evaluates (a
 subspace at its centre, BatchNorm recomputed there), appends a line to ``metrics.jsonl`` and
-writes an accelerate checkpoint atomically; ``resume`` continues from it.
+saves an accelerate checkpoint (:mod:`subspaces.checkpoint`); ``resume`` continues from the
+newest complete one.
 
 Run folder::
 
-    config.yaml  metrics.jsonl  checkpoint/ (accelerate state + progress.json)
+    config.yaml  metrics.jsonl  checkpoints/checkpoint_<i>/ (accelerate's save_state + manifest.json)
     model.safetensors|json                (standard training)
     subspace.safetensors|json  exports/{centre,anchor0,...}.safetensors|json   (subspaces)
     results.json                          (final evaluation)
@@ -25,8 +26,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -50,12 +49,13 @@ from accelerate.logging import get_logger
 
 from .augment import augmentation_from, batch_mixer, mix_batch
 from .bn import update_bn
+from .checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, prepare_saves, save_checkpoint, use_run_folder
 from .data import DataBundle, build_datasets, infer_input_spec, make_loader
 from .ensembles import evaluate
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
+from .errors import ConfigError, NonFiniteLossError, Preempted
 from .preemption import StopSignals
 from .run_folder import make_accelerator, prepare_run
-from .io import SHAPES, file_digest, save_export, save_subspace, verify_checkpoint, write_json
+from .io import SHAPES, save_export, save_subspace, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace, layout_for
 from .settings import POINT_SEED_STRIDE, DataRun, ModelConfig, ModelRun, TrainConfig, TrainRunConfig
@@ -248,72 +248,8 @@ class _Progress:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def _checkpoint_dir(out: Path, verify: bool = True) -> Path | None:
-    """The newest complete checkpoint: ``checkpoint/``, or ``checkpoint.old/`` if a save died mid-rename.
-
-    A folder counts once its ``progress.json`` (written last) is there; ``.checkpoint.tmp`` (a
-    save in progress or killed) never does. With ``verify``, every file the checkpoint lists in
-    ``manifest.json`` is checked against its recorded size and SHA-256 first: a truncated or
-    corrupted file raises CheckpointError naming it, instead of resuming from damaged state.
-    """
-    for name in ("checkpoint", "checkpoint.old"):
-        d = out / name
-        if (d / "progress.json").exists():
-            if verify:
-                verify_checkpoint(d)
-            return d
-    return None
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, progress: dict[str, Any], scheduler: Any = None,
-                    rank_state: torch.Tensor | None = None) -> None:
-    """accelerate.save_state into a temporary folder, then renamed over ``checkpoint/`` (atomic).
-
-    The scheduler's state goes to ``scheduler.pt`` (plain tensors and numbers, read back with
-    ``torch.load(weights_only=True)``) instead of accelerate's pickled custom objects.
-    ``manifest.json`` records every file's size and SHA-256 (checked on resume); ``progress.json``
-    is written last, so a folder without it is incomplete. Weights that are not finite are never
-    saved (NonFiniteLossError); a failed write (disk full) removes the temporary folder and leaves
-    the previous checkpoint as it was. ``rank_state`` (a subspace's point generator, which differs
-    per rank) is saved by every rank as ``rank_state_{rank}.pt``: accelerate keeps rank 0's model only.
-    """
-    for model in getattr(accelerator, "_models", []):   # never save NaN weights over a good checkpoint
-        for name, p in model.named_parameters():
-            if not bool(torch.isfinite(p.detach()).all()):
-                raise NonFiniteLossError(
-                    f"weight {name} is NaN or infinite after epoch {progress.get('epoch')} (update "
-                    f"{progress.get('updates')}): the run stopped without saving it; the last good "
-                    f"checkpoint is kept. Lower --lr, or try --mixed-precision no / bf16"
-                )
-    tmp, final, old = out / ".checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if rank_state is not None:
-            torch.save(rank_state, tmp / f"rank_state_{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            for name, data in (("manifest.json", files), ("progress.json", progress)):   # progress.json last
-                with open(tmp / name, "w") as f:
-                    json.dump(data, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-    except OSError as err:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(err.errno, f"cannot write the checkpoint into {out} ({err.strerror or err}); "
-                                 f"the previous checkpoint is kept") from err
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    """The newest complete checkpoint (:func:`subspaces.checkpoint.latest_checkpoint`), named in the loop's messages."""
+    return latest_checkpoint(out, verify=verify)
 
 
 # ---------------------------------------------------------------------------------------- loop
@@ -328,6 +264,11 @@ class Trainer:
     stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
     (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
     budget cut: the run stops as if killed after a finished epoch, resumable).
+
+    Checkpoints are accelerate's (``output/checkpoints/checkpoint_<i>``, the newest
+    ``args.checkpoint_hist`` kept): the scheduler and :attr:`progress` are registered with
+    ``register_for_checkpointing``, so give each Trainer an accelerator of its own (accelerate
+    keeps registered objects for the accelerator's lifetime).
     """
 
     args: TrainConfig
@@ -346,6 +287,7 @@ class Trainer:
     volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in _setup from the seed
     mixer: Any = None   # timm's Mixup (--mixup / --cutmix), built in _setup
     _soft_target_loss: nn.Module = field(default_factory=SoftTargetCrossEntropy, init=False, repr=False)
+    progress: TrainingProgress = field(default_factory=TrainingProgress)   # saved by accelerate (register_for_checkpointing)
     _net: nn.Module | None = field(default=None, init=False, repr=False)   # the prepared model unwrapped, once
 
     @classmethod
@@ -370,7 +312,7 @@ class Trainer:
     def _setup(self) -> None:
         a, acc = self.args, self.accelerator
         self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
-                                             layer_decay=getattr(a, "layer_decay", None))
+                                             layer_decay=a.layer_decay)
         self.mixer = batch_mixer(a, int(self.spec.get("num_classes") or self.data.num_classes))
         train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
@@ -382,7 +324,7 @@ class Trainer:
             raise ConfigError(f"--batch-size {a.batch_size} x {acc.num_processes} process(es) is more than the {len(self.data.train)} training images: "
                               f"use --batch-size <= {largest} or a larger --train-subset")
         sub = self.unwrapped
-        if isinstance(sub, Subspace) and getattr(a, "volume_lambda", 0) and getattr(a, "volume_form", "benton") == "benton":
+        if isinstance(sub, Subspace) and a.volume_lambda and a.volume_form == "benton":
             self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
         if self.make_scheduler is not None or a.sched == "none":
             # timm's schedulers apply layer decay's per-group lr_scale; a torch scheduler or none would not
@@ -393,6 +335,9 @@ class Trainer:
         elif a.sched != "none":
             self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=a.sched, num_epochs=a.epochs, warmup_epochs=a.warmup_epochs,
                                                    min_lr=a.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        use_run_folder(acc, self.output, a.checkpoint_hist)
+        # accelerate saves and loads these with the model: progress first (custom_checkpoint_0.pkl), then the scheduler
+        acc.register_for_checkpointing(self.progress, *([self.scheduler] if self.scheduler is not None else []))
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -419,10 +364,10 @@ class Trainer:
         if not isinstance(sub, Subspace):
             return None
         terms = []
-        if getattr(a, "beta", 0):
-            terms.append(a.beta * cosine_penalty(sub, params=getattr(a, "beta_params", "weights")))
-        if getattr(a, "volume_lambda", 0):
-            if getattr(a, "volume_form", "benton") == "benton":
+        if a.beta:
+            terms.append(a.beta * cosine_penalty(sub, params=a.beta_params))
+        if a.volume_lambda:
+            if a.volume_form == "benton":
                 terms.append(-a.volume_lambda / self.volume_reference * volume_penalty(sub))
             else:
                 terms.append(-a.volume_lambda * log_volume(sub))
@@ -448,20 +393,11 @@ class Trainer:
         self._setup()
         start, position = 0, None
         metrics_path = out / "metrics.jsonl"
-        ckpt = _checkpoint_dir(out) if resume else None
+        ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
-            try:
-                acc.load_state(str(ckpt))
-                progress = json.loads((ckpt / "progress.json").read_text())
-                if self.scheduler is not None:
-                    self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-                rank_file = ckpt / f"rank_state_{acc.process_index}.pt"
-                if isinstance(self.unwrapped, Subspace) and rank_file.exists():
-                    self.unwrapped.set_extra_state(torch.load(rank_file, weights_only=True))
-            except Exception as err:  # a damaged checkpoint: name it, never train from a half-loaded state
-                raise CheckpointError(f"cannot resume from {ckpt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-            start, self.updates = progress["epoch"], progress["updates"]
-            position = progress.get("within_epoch")
+            net = self.unwrapped
+            load_checkpoint(acc, ckpt, net if isinstance(net, Subspace) else None)   # self.progress too
+            start, self.updates, position = self.progress.epoch, self.progress.updates, self.progress.within_epoch
             where = f"epoch {start + 1}, step {position['step']}" if position else f"epoch {start}"
             logger.info(f"resumed from {ckpt} after {where}")
             if acc.is_main_process and metrics_path.exists():
@@ -469,6 +405,7 @@ class Trainer:
                 metrics_path.write_text("".join(ln + "\n" for ln in lines))
         elif acc.is_main_process and metrics_path.exists():
             metrics_path.unlink()
+        prepare_saves(acc, out, ckpt)
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
         if acc.log_with:
             acc.init_trackers(out.name or "run", config={k: v for k, v in a.to_dict().items() if isinstance(v, (bool, int, float, str))})
@@ -498,7 +435,8 @@ class Trainer:
     def _save(self, progress: dict[str, Any]) -> None:
         net = self.unwrapped
         rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
-        save_checkpoint(self.accelerator, self.output, progress, self.scheduler, rank_state)
+        self.progress.load_state_dict(progress)
+        save_checkpoint(self.accelerator, self.progress, rank_state)
 
     def _stop_agreed(self, signals: StopSignals) -> bool:
         """Whether any rank was asked to stop (one all-reduce under DDP, none on one process)."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from subspaces.checkpoint import latest_checkpoint, read_progress
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 42
 TRAIN_SUBSET, EVAL_SUBSET, BATCH = 128, 64, 32
@@ -139,6 +141,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def checkpoint_progress(run_dir: Path) -> dict[str, Any] | None:
+    """The progress (epoch, updates, within_epoch) of a run folder's newest complete checkpoint, or None."""
+    folder = latest_checkpoint(run_dir, verify=False)
+    return None if folder is None else read_progress(folder)
 
 
 def assert_metrics(m: dict[str, Any], count: int | None = EVAL_SUBSET) -> None:

@@ -125,6 +125,7 @@ TRAIN_CASES = {
     "mixup prob above 1": (["--mixup", "0.8", "--mixup-prob", "2"], ["--mixup-prob is a probability: it must be in [0, 1], got 2.0"]),
     "pad crop on an image folder": (["--dataset", "imagefolder:/no/such/folder", "--train-crop-mode", "pad"],
                                     ["--train-crop-mode pad needs images of one native size", "rrc | rkrc | rkrr"]),
+    "one checkpoint kept": (["--checkpoint-hist", "1"], ["--checkpoint-hist 1 is too small", "--checkpoint-hist 2 or more"]),
 }
 
 
@@ -157,7 +158,7 @@ def test_full_disk_is_refused_before_training(recipe, tmp_path, monkeypatch):
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(ss_training.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(ss_run_folder.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     out = tmp_path / "run"
     one_error(recipe("train.py", *TINY, "--output", out), "only 10 MiB free in", "--output")
     assert sorted(p.name for p in out.iterdir()) == [], "no probe or config file left behind"

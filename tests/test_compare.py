@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import checkpoint_progress
 from subspaces.settings import CompareConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_a_stopped_compare_reuses_its_finished_members(compare_runs):
     stop = compare_runs["after_stop"]
     assert compare_runs["rc_stop"] == 0
     assert stop["ind0"] and stop["sse"] and not stop["ind1"] and not stop["results"]
-    assert (compare_runs["out"] / "seed0" / "ind0" / "pretrain" / "checkpoint" / "optimizer.bin").exists()
+    assert (compare_runs["out"] / "seed0" / "ind0" / "pretrain" / "optimizer.bin").exists()
     for name, before in stop["mtimes"].items():   # not retrained by the second job
         assert compare_runs["mtimes_full"][name] == before, name
     # a third job trains nothing and rewrites only the result files
@@ -184,7 +185,7 @@ def test_the_protocol_is_the_same_under_any_launcher(compare_runs, tmp_path, lau
     many = json.loads((out / "results.json").read_text())
     assert many["plan"]["upe"] == one["plan"]["upe"] and many["plan"]["fge_cycle"] == one["plan"]["fge_cycle"]
     for name in ("ind0", "ind1", "ind2", "line1B"):
-        progress = lambda root: json.loads((root / "seed0" / name / "checkpoint" / "progress.json").read_text())  # noqa: E731
+        progress = lambda root: checkpoint_progress(root / "seed0" / name)  # noqa: E731
         assert progress(out)["updates"] == progress(compare_runs["out"])["updates"], name
     snaps = lambda root: json.loads((root / "seed0" / "fge" / "snapshots.json").read_text())["snapshots"]  # noqa: E731
     assert [s["iteration"] for s in snaps(out)] == [s["iteration"] for s in snaps(compare_runs["out"])]
@@ -245,5 +246,5 @@ def test_sigterm_stops_the_members_with_checkpoints_and_the_same_command_continu
     again = subprocess.run(cmd, cwd=REPO, env=recipe_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     for name in ("ind0", "ind1", "ind2", "line1B"):
-        progress = lambda root: json.loads((root / "seed0" / name / "checkpoint" / "progress.json").read_text())  # noqa: E731
+        progress = lambda root: checkpoint_progress(root / "seed0" / name)  # noqa: E731
         assert progress(out)["updates"] == progress(compare_runs["out"])["updates"], name

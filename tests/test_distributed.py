@@ -14,7 +14,8 @@ import types
 import pytest
 import timm
 
-from helpers import EVAL_SUBSET, TINY, TRAIN_SUBSET, BATCH, assert_metrics, read_json, read_metrics, run, run_all
+from helpers import EVAL_SUBSET, TINY, TRAIN_SUBSET, BATCH, assert_metrics, checkpoint_progress, read_json, read_metrics, run, run_all
+from subspaces.checkpoint import latest_checkpoint
 
 WORLD = 2
 EPOCHS = 1
@@ -47,8 +48,8 @@ def probes(tmp_path_factory):
                        "term": _torchrun(*common[:1], str(root / "term"), *common[1:], "--term-at", "6")})
     term = root / "term"
     stopped = {"rank0": read_json(term / "probe_rank0.json") if (term / "probe_rank0.json").exists() else None,
-               "progress": read_json(term / "checkpoint" / "progress.json") if (term / "checkpoint" / "progress.json").exists() else None,
-               "rank_states": sorted(p.name for p in (term / "checkpoint").glob("rank_state_*.pt"))}
+               "progress": checkpoint_progress(term),
+               "rank_states": sorted(p.name for p in latest_checkpoint(term).glob("rank_state_*.pt")) if latest_checkpoint(term) else []}
     resumed = run(_torchrun(*common[:1], str(term), *common[1:], "--resume"))
     read = lambda name: [read_json(root / name / f"probe_rank{r}.json") for r in range(WORLD)]  # noqa: E731
     return types.SimpleNamespace(root=root, res={**results, "resumed": resumed}, read=read, stopped=stopped)
@@ -60,7 +61,7 @@ def test_two_ranks_ran(ddp_run):
     assert sorted(p.name for p in (ddp_run.out / "ranks").iterdir()) == [f"rank{r}.json" for r in range(WORLD)]
     # the main process alone writes the run's files: one metrics line per epoch, not one per rank
     assert [m["epoch"] for m in read_metrics(ddp_run.out)] == list(range(1, EPOCHS + 1))
-    assert read_json(ddp_run.out / "checkpoint" / "progress.json")["updates"] == EPOCHS * TRAIN_SUBSET // (WORLD * BATCH)
+    assert checkpoint_progress(ddp_run.out)["updates"] == EPOCHS * TRAIN_SUBSET // (WORLD * BATCH)
 
 
 def test_each_rank_trains_on_its_own_shard(ddp_run):
@@ -113,5 +114,5 @@ def test_each_rank_checkpoints_its_own_point_generator(ddp_run):
     beside it, so a resumed run keeps drawing different points per rank."""
     import torch
 
-    states = [torch.load(ddp_run.out / "checkpoint" / f"rank_state_{r}.pt", weights_only=True) for r in range(2)]
+    states = [torch.load(latest_checkpoint(ddp_run.out) / f"rank_state_{r}.pt", weights_only=True) for r in range(2)]
     assert not torch.equal(states[0], states[1])

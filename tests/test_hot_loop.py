@@ -23,6 +23,8 @@ from subspaces import training
 from subspaces.data import build_datasets
 from subspaces.errors import NonFiniteLossError, Preempted
 
+from helpers import checkpoint_progress
+
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 #: the data loader's own CPU work (indices, targets) happens before a batch reaches the device
 DATA_LOADING = ("torch/utils/data/", "accelerate/data_loader.py", "subspaces/data.py", "subspaces/data_sources.py")
@@ -134,8 +136,8 @@ def test_a_nan_between_checks_is_caught_and_named(tmp_path, data, monkeypatch):
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 6 \(update 16\), found at the check of step 8: "
                                                   r"the run stopped; the last good checkpoint .* is kept"):
         trainer.fit()
-    progress = (tmp_path / "line" / "checkpoint" / "progress.json").read_text()
-    assert '"epoch": 1' in progress and '"updates": 10' in progress
+    progress = checkpoint_progress(tmp_path / "line")
+    assert progress["epoch"] == 1 and progress["updates"] == 10
 
 
 def test_a_stop_request_finishes_the_step_and_resumes_exactly(tmp_path, data):

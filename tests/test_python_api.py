@@ -39,7 +39,8 @@ def test_a_line_trains_from_python_without_argparse(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad, message", [({"epochs": 0}, "--epochs must be >= 1"), ({"lr": -1.0}, "--lr must be > 0"),
                                           ({"volume_form": "cubic"}, "--volume-form 'cubic'"),
-                                          ({"mixed_precision": "fp8"}, "--mixed-precision 'fp8'")])
+                                          ({"mixed_precision": "fp8"}, "--mixed-precision 'fp8'"),
+                                          ({"checkpoint_hist": 1}, "--checkpoint-hist 1 is too small")])
 def test_train_config_refuses_bad_values(bad, message):
     with pytest.raises(ConfigError, match=message):
         ss.TrainConfig(**bad)

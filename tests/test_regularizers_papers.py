@@ -13,7 +13,7 @@ from torch import nn
 import subspaces as ss
 from subspaces.regularizers import reference_log_volume, selected_names, squared_distances, volume_penalty
 
-from helpers import DATA_TINY, read_json, recipe_cmd, run
+from helpers import DATA_TINY, checkpoint_progress, recipe_cmd, run
 
 
 # --------------------------------------------------------------------------- [W]: cos^2 over conv / linear weights
@@ -138,7 +138,7 @@ def test_simplex_recipe_uses_benton_form_and_several_points_per_batch(tmp_path):
     cfg = (out / "config.yaml").read_text()
     assert "volume_form: benton" in cfg and "samples_per_step: 3" in cfg and "volume_lambda: 1.0e-06" in cfg
     sub = ss.io.load_subspace(out / "simplex0" / "vertex1")
-    updates = read_json(out / "simplex0" / "vertex1" / "checkpoint" / "progress.json")["updates"]
+    updates = checkpoint_progress(out / "simplex0" / "vertex1")["updates"]
     assert sub._steps == 3 * updates, "each batch should draw 3 points, one forward each"
 
 

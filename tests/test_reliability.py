@@ -4,15 +4,16 @@ The crashes are made deterministic by a driver (``DRIVER`` below) that monkeypat
 process before running ``recipes/train.py`` through runpy:
 
 - ``kill_step N``: SIGKILL inside ``Trainer._loss`` at its N-th call (step 2 of epoch 2);
-- ``kill_rename``: SIGKILL inside ``os.replace(.checkpoint.tmp, checkpoint)`` while saving, after
-  ``checkpoint/`` was renamed to ``checkpoint.old/`` and before the new one took its place (the
-  worst moment of a save: no ``checkpoint/`` at all);
+- ``kill_save``: SIGKILL inside accelerate's ``save_state`` while it writes the registered objects
+  (model, optimiser and RNG states already written, no manifest yet): the newest
+  ``checkpoints/checkpoint_<i>`` is cut and must be passed over for the one before;
 - ``nan N``: ``Trainer._loss`` returns NaN from its N-th call on.
 
 One run is killed mid-epoch, resumed and killed mid-save, resumed again, and must end with weights
-bit-identical to an uninterrupted run of the same seed (CPU). A kill inside ``save_state`` (half of
-the files written) is checked in-process with a stand-in accelerator, as are a full disk, NaN
-weights and damaged checkpoint files.
+bit-identical to an uninterrupted run of the same seed (CPU). In-process, with a real accelerate
+Accelerator on a small network: the files of the registered objects, their exact restore, the
+number of folders kept, resume after resume, a kill inside ``save_state``, a full disk, NaN weights
+and damaged checkpoint files.
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import accelerate.accelerator
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch import nn
 
 from helpers import BATCH, STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
 from subspaces import io as ssio
-from subspaces.io import CheckpointError, save_model, verify_checkpoint
-from subspaces.training import NonFiniteLossError, _checkpoint_dir, save_checkpoint
+from subspaces.checkpoint import (
+    TrainingProgress,
+    checkpoint_folders,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_saves,
+    project_configuration,
+    read_progress,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from subspaces.io import CheckpointError, save_model
+from subspaces.training import NonFiniteLossError
 
 LINE = ["--subspace", "line", *TINY, "--epochs", "2"]
 #: the loss call (1-based) that is step 2 of epoch 2
@@ -63,13 +77,11 @@ if mode in ("kill_step", "nan", "term"):
             return loss * float("nan")
         return loss
     training.Trainer._loss = _loss
-elif mode == "kill_rename":
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
-        if os.path.basename(os.fspath(dst)) == "checkpoint":
-            die()
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
+elif mode == "kill_save":   # inside save_state, after the model, optimiser and RNG files
+    import accelerate.accelerator
+    def save_custom_state(*a, **k):
+        die()
+    accelerate.accelerator.save_custom_state = save_custom_state
 sys.argv = [recipe, *argv]
 runpy.run_path(recipe, run_name="__main__")
 '''
@@ -80,7 +92,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _progress(d: Path) -> dict:
-    return json.loads((d / "progress.json").read_text())
+    return read_progress(d)
+
+
+def _folder(out: Path, i: int) -> Path:
+    return out / "checkpoints" / f"checkpoint_{i}"
 
 
 def _assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
@@ -104,22 +120,22 @@ def crashes(tmp_path_factory):
     def lane_kills() -> None:
         # 1. killed at step 2 of epoch 2: epoch 1's checkpoint must be complete
         ns.res["kill_step"] = run(drive("kill_step", STEP, *LINE, "--output", killed))
-        ckpt = killed / "checkpoint"
-        ns.snap["after_kill_step"] = _progress(ckpt) if (ckpt / "progress.json").exists() else None
+        ckpt = _folder(killed, 0)
+        ns.snap["after_kill_step"] = _progress(ckpt) if (ckpt / "manifest.json").exists() else None
         ns.snap["epoch1_weights"] = _tensors(ckpt / "model.safetensors") if (ckpt / "model.safetensors").exists() else None
-        # 2. resumed, killed between renaming checkpoint/ away and the new one into place
-        ns.res["kill_rename"] = run(drive("kill_rename", 0, "--resume", killed))
-        ns.snap["after_kill_rename"] = {
-            "checkpoint": ckpt.exists(),
-            "old": _progress(killed / "checkpoint.old") if (killed / "checkpoint.old" / "progress.json").exists() else None,
-            "tmp": _progress(killed / ".checkpoint.tmp") if (killed / ".checkpoint.tmp" / "progress.json").exists() else None,
+        # 2. resumed, killed inside save_state of epoch 2's checkpoint
+        ns.res["kill_save"] = run(drive("kill_save", 0, "--resume", killed))
+        ns.snap["after_kill_save"] = {
+            "folders": [p.name for p in checkpoint_folders(killed)],
+            "cut": sorted(p.name for p in _folder(killed, 1).iterdir()) if _folder(killed, 1).exists() else None,
+            "latest": latest_checkpoint(killed),
         }
         # 3. resumed to the end
         ns.res["resume"] = run(recipe_cmd("train.py", "--resume", killed))
         # 4. SIGTERM in the middle of step 2 of epoch 2: the step finishes, a checkpoint at that step, then resumed
         ns.res["term"] = run(drive("term", STEP, *LINE, "--output", term))
-        ckpt = term / "checkpoint"
-        ns.snap["after_term"] = _progress(ckpt) if (ckpt / "progress.json").exists() else None
+        ckpt = latest_checkpoint(term, verify=False)
+        ns.snap["after_term"] = _progress(ckpt) if ckpt is not None else None
         ns.snap["term_epochs"] = [r["epoch"] for r in read_metrics(term)] if (term / "metrics.jsonl").exists() else None
         ns.res["term_resume"] = run(recipe_cmd("train.py", "--resume", term))
 
@@ -127,7 +143,8 @@ def crashes(tmp_path_factory):
         ns.res["ref"] = run(recipe_cmd("train.py", *LINE, "--output", ref))
         if ns.res["ref"].rc == 0:   # a finished run whose checkpoint is then damaged, resumed
             shutil.copytree(ref, damaged)
-            opt = damaged / "checkpoint" / "optimizer.bin"
+            opt = latest_checkpoint(damaged) / "optimizer.bin"
+            ns.snap["damaged_file"] = opt
             data = bytearray(opt.read_bytes())
             data[len(data) // 2] ^= 0xFF
             opt.write_bytes(bytes(data))
@@ -154,28 +171,30 @@ def test_kill_mid_epoch_keeps_the_last_complete_checkpoint(crashes):
     assert weights and all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
-def test_kill_mid_rename_leaves_checkpoint_old(crashes):
-    res = crashes.res["kill_rename"]
+def test_kill_mid_save_leaves_a_cut_newest_folder_that_resume_passes_over(crashes):
+    res = crashes.res["kill_save"]
     assert res.rc == -9, res.explain()
-    assert "resumed from" in res.stdout and "checkpoint after epoch 1" in res.stdout, res.explain()
-    snap = crashes.snap["after_kill_rename"]
-    assert snap["checkpoint"] is False, "the kill came after checkpoint/ was renamed away"
-    assert snap["old"]["epoch"] == 1 and snap["tmp"]["epoch"] == 2, snap
+    assert "resumed from" in res.stdout and "checkpoint_0 after epoch 1" in res.stdout, res.explain()
+    snap = crashes.snap["after_kill_save"]
+    assert snap["folders"] == ["checkpoint_0", "checkpoint_1"], snap
+    assert "model.safetensors" in snap["cut"] and "manifest.json" not in snap["cut"], snap
+    assert snap["latest"] == _folder(crashes.killed, 0), "the cut checkpoint_1 has no manifest: never resumed from"
 
 
 def test_resume_after_kills_is_bit_identical_to_an_uninterrupted_run(crashes):
     _ok(crashes.res["ref"])
     res = crashes.res["resume"]
     _ok(res)
-    assert "resumed from" in res.stdout and "checkpoint.old after epoch 1" in res.stdout, res.explain()
+    assert "resumed from" in res.stdout and "checkpoint_0 after epoch 1" in res.stdout, res.explain()
     _assert_equal_tensors(_tensors(crashes.killed / "subspace.safetensors"), _tensors(crashes.ref / "subspace.safetensors"),
                           "killed twice and resumed vs uninterrupted")
     assert [r["epoch"] for r in read_metrics(crashes.killed)] == [1, 2], "metrics.jsonl: one line per epoch, no repeats"
-    assert _progress(crashes.killed / "checkpoint")["epoch"] == 2
-    leftovers = [p.name for p in crashes.killed.iterdir()
-                 if p.name in (".checkpoint.tmp", "checkpoint.old") or p.name.startswith(".") and p.name != ".lock"]
+    # the cut folder was replaced by epoch 2's checkpoint under the same number: resume after resume does not collide
+    assert [p.name for p in checkpoint_folders(crashes.killed)] == ["checkpoint_0", "checkpoint_1"]
+    assert _progress(latest_checkpoint(crashes.killed))["epoch"] == 2
+    leftovers = [p.name for p in crashes.killed.iterdir() if p.name.startswith(".") and p.name != ".lock"]
     assert not leftovers, f"temporary folders left behind: {leftovers}"
-    verify_checkpoint(crashes.killed / "checkpoint")
+    verify_checkpoint(_folder(crashes.killed, 1))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_epoch_1(crashes):
@@ -185,12 +204,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_epoch_1(crashes):
     last = res.error_lines()[-1]
     assert last.startswith("error: loss is nan at epoch 2, step 2 (update 6), found at the check of step 4"), last
     assert "checkpoint" in last and "kept" in last, last
-    ckpt = crashes.nan / "checkpoint"
+    ckpt = latest_checkpoint(crashes.nan)
+    assert ckpt == _folder(crashes.nan, 0) and [p.name for p in checkpoint_folders(crashes.nan)] == ["checkpoint_0"]
     assert _progress(ckpt)["epoch"] == 1 and _progress(ckpt)["updates"] == STEPS_PER_EPOCH
     weights = _tensors(ckpt / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
     _assert_equal_tensors(weights, crashes.snap["epoch1_weights"], "the NaN run's checkpoint vs epoch 1 of the same seed")
-    for name in ("subspace.safetensors", "results.json", ".checkpoint.tmp", "checkpoint.old"):
+    for name in ("subspace.safetensors", "results.json"):
         assert not (crashes.nan / name).exists(), f"{name} written by a run that diverged"
 
 
@@ -221,37 +241,14 @@ def test_resume_from_a_corrupted_checkpoint_names_the_file(crashes):
     assert res.rc == 2, res.explain()
     lines = res.error_lines()
     assert "Traceback" not in res.stderr, res.explain()
-    assert str(crashes.damaged / "checkpoint" / "optimizer.bin") in lines[-1] and "corrupted" in lines[-1], lines[-1]
+    assert str(crashes.snap["damaged_file"]) in lines[-1] and "corrupted" in lines[-1], lines[-1]
     assert [ln for ln in lines if ln.startswith("error:")] == [lines[-1]]
     assert (crashes.damaged / "results.json").read_text() == crashes.snap["damaged_results"], "nothing rewritten"
 
 
-# ------------------------------------------------------------------------------------ save_checkpoint, in-process
+# ------------------------------------------------------------------------------------ checkpoints, in-process
 class Killed(BaseException):
     """Stands in for SIGKILL in-process: nothing catches it, no clean-up runs except `finally`."""
-
-
-class FakeAccelerator:
-    """What save_checkpoint uses of accelerate.Accelerator, on one process; ``fail_after_model``
-    (an exception) is raised after model.safetensors and half of optimizer.bin are written."""
-
-    is_main_process = True
-
-    def __init__(self, model: nn.Module, fail_after_model: BaseException | None = None) -> None:
-        self._models = [model]
-        self.fail_after_model = fail_after_model
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-    def save_state(self, output_dir: str, safe_serialization: bool = True) -> None:
-        d = Path(output_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self._models[0].state_dict().items()}, str(d / "model.safetensors"))
-        if self.fail_after_model is not None:
-            (d / "optimizer.bin").write_bytes(b"PK\x03\x04 half of an optimizer state")
-            raise self.fail_after_model
-        torch.save({"state": {}, "param_groups": []}, d / "optimizer.bin")
 
 
 def _net() -> nn.Module:
@@ -259,71 +256,173 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
 
 
+def _run(out: Path, history: int = 2, resume: bool = False) -> types.SimpleNamespace:
+    """What a Trainer sets up, on a small network: an Accelerator with automatic checkpoint naming,
+    the model and a momentum optimiser prepared, a scheduler and the progress registered (in the
+    Trainer's order); with ``resume`` the newest complete checkpoint loaded."""
+    acc = Accelerator(cpu=True, project_config=project_configuration(out, history))
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    progress = TrainingProgress()
+    acc.register_for_checkpointing(progress, scheduler)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        load_checkpoint(acc, ckpt)
+    prepare_saves(acc, out, ckpt)
+    return types.SimpleNamespace(acc=acc, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress, resumed=ckpt)
+
+
+def _step(r: types.SimpleNamespace) -> None:
+    """One update: the weights, momentum buffers, scheduler and progress all move."""
+    r.model.train()
+    loss = r.model(torch.randn(8, 4)).square().mean()
+    loss.backward()
+    r.optimizer.step()
+    r.optimizer.zero_grad()
+    r.scheduler.step()
+    r.progress.load_state_dict({"epoch": r.progress.epoch + 1, "updates": r.progress.updates + 1})
+
+
+def _save(r: types.SimpleNamespace) -> Path:
+    _step(r)
+    return save_checkpoint(r.acc, r.progress)
+
+
 @pytest.fixture
 def saved(tmp_path):
-    """A run folder with epoch 1's checkpoint written by save_checkpoint."""
-    model = _net()
-    save_checkpoint(FakeAccelerator(model), tmp_path, {"epoch": 1, "updates": 4})
-    return types.SimpleNamespace(out=tmp_path, model=model, weights=_tensors(tmp_path / "checkpoint" / "model.safetensors"))
+    """A run folder with epoch 1's checkpoint (checkpoint_0)."""
+    r = _run(tmp_path)
+    _save(r)
+    return types.SimpleNamespace(out=tmp_path, run=r, weights=_tensors(_folder(tmp_path, 0) / "model.safetensors"))
 
 
-def test_save_checkpoint_records_and_verifies_every_file(saved):
-    progress = verify_checkpoint(saved.out / "checkpoint")
-    assert progress == {"epoch": 1, "updates": 4}
-    manifest = json.loads((saved.out / "checkpoint" / "manifest.json").read_text())
-    assert set(manifest) == {"model.safetensors", "optimizer.bin"}
-    assert manifest["optimizer.bin"]["size"] == (saved.out / "checkpoint" / "optimizer.bin").stat().st_size
-    assert _checkpoint_dir(saved.out) == saved.out / "checkpoint"
-    assert sorted(p.name for p in saved.out.iterdir()) == ["checkpoint"]
+def test_save_checkpoint_is_accelerates_and_records_every_file(saved):
+    ckpt = _folder(saved.out, 0)
+    assert latest_checkpoint(saved.out) == ckpt
+    assert sorted(p.name for p in saved.out.iterdir()) == ["checkpoints"]
+    manifest = verify_checkpoint(ckpt)
+    # accelerate's files: the registered objects are custom_checkpoint_0 (progress) and _1 (the scheduler)
+    assert set(manifest) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+                             "custom_checkpoint_1.pkl"}
+    assert manifest["optimizer.bin"]["size"] == (ckpt / "optimizer.bin").stat().st_size
+    assert _progress(ckpt) == {"epoch": 1, "updates": 1}
+    assert torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)["last_epoch"] == 1
+
+
+def test_registered_objects_and_weights_resume_exactly(saved):
+    before = saved.run
+    _step(before)   # moves on after the save: the resume must bring back the saved state, not this one
+    again = _run(saved.out, resume=True)
+    assert again.resumed == _folder(saved.out, 0)
+    assert (again.progress.epoch, again.progress.updates, again.progress.within_epoch) == (1, 1, None)
+    assert again.scheduler.state_dict()["last_epoch"] == 1 and again.optimizer.param_groups[0]["lr"] == 0.05
+    _assert_equal_tensors({k: v.detach() for k, v in again.model.state_dict().items()}, saved.weights, "resumed weights")
+    momentum = [again.optimizer.state[p]["momentum_buffer"] for p in again.model.parameters()]
+    assert all(m is not None and m.abs().sum() > 0 for m in momentum), "the momentum buffers come back"
+
+
+def test_total_limit_keeps_the_newest_folders(tmp_path):
+    r = _run(tmp_path, history=3)
+    for _ in range(5):
+        _save(r)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint_2", "checkpoint_3", "checkpoint_4"]
+    assert _progress(latest_checkpoint(tmp_path))["epoch"] == 5
+
+
+def test_resume_after_resume_saves_past_the_newest_folder(tmp_path):
+    r = _run(tmp_path)
+    _save(r)
+    _save(r)
+    for expected in (2, 3):   # accelerate's load_state leaves save_iteration at 0: prepare_saves moves it on
+        r = _run(tmp_path, resume=True)
+        assert r.resumed == _folder(tmp_path, expected - 1) and r.acc.save_iteration == expected
+        assert _save(r) == _folder(tmp_path, expected)
+    assert [p.name for p in checkpoint_folders(tmp_path)] == ["checkpoint_2", "checkpoint_3"]
+    assert _progress(_folder(tmp_path, 3))["epoch"] == 4
+
+
+def test_a_fresh_run_starts_its_checkpoints_again(saved):
+    r = _run(saved.out)   # not resumed: the old run's checkpoints go
+    assert checkpoint_folders(saved.out) == [] and r.acc.save_iteration == 0
+    assert _save(r) == _folder(saved.out, 0)
 
 
 def test_save_checkpoint_refuses_nan_weights(saved):
     with torch.no_grad():
-        saved.model[0].weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match=r"weight 0\.weight is NaN or infinite after epoch 2 .*checkpoint is kept"):
-        save_checkpoint(FakeAccelerator(saved.model), saved.out, {"epoch": 2, "updates": 8})
-    assert _progress(saved.out / "checkpoint")["epoch"] == 1
-    _assert_equal_tensors(_tensors(saved.out / "checkpoint" / "model.safetensors"), saved.weights, "checkpoint after refused save")
+        saved.run.model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"weight 0\.weight is NaN or infinite after epoch 1 .*checkpoint is kept"):
+        save_checkpoint(saved.run.acc, saved.run.progress)
+    assert [p.name for p in checkpoint_folders(saved.out)] == ["checkpoint_0"]
+    _assert_equal_tensors(_tensors(_folder(saved.out, 0) / "model.safetensors"), saved.weights, "checkpoint after refused save")
 
 
-def test_save_checkpoint_disk_full_keeps_the_previous_one(saved):
-    with pytest.raises(OSError, match=r"cannot write the checkpoint into .*No space left on device.*previous checkpoint is kept") as info:
-        save_checkpoint(FakeAccelerator(saved.model, OSError(errno.ENOSPC, "No space left on device")), saved.out, {"epoch": 2, "updates": 8})
+def _fail_in_save_state(monkeypatch, error: BaseException) -> None:
+    """accelerate's save_state fails while writing the registered objects (model, optimiser and RNG written)."""
+    def save_custom_state(obj, path, index=0, save_on_each_node=False):
+        (Path(path) / f"custom_checkpoint_{index}.pkl").write_bytes(b"PK\x03\x04 half")
+        raise error
+
+    monkeypatch.setattr(accelerate.accelerator, "save_custom_state", save_custom_state)
+
+
+def test_save_checkpoint_disk_full_keeps_the_previous_one(saved, monkeypatch):
+    _fail_in_save_state(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*checkpoint_1 .*No space left on device.*previous checkpoint is kept") as info:
+        _save(saved.run)
     assert info.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in saved.out.iterdir()) == ["checkpoint"], "the half-written .checkpoint.tmp must be removed"
-    assert _progress(saved.out / "checkpoint")["epoch"] == 1
-    verify_checkpoint(saved.out / "checkpoint")
+    assert [p.name for p in checkpoint_folders(saved.out)] == ["checkpoint_0"], "the cut checkpoint_1 must be removed"
+    verify_checkpoint(_folder(saved.out, 0))
+    monkeypatch.undo()
+    assert _save(saved.run) == _folder(saved.out, 1), "the next save takes the number the failed one did not use"
+    verify_checkpoint(_folder(saved.out, 1))
 
 
-def test_kill_inside_save_state_keeps_the_previous_checkpoint(saved):
+def test_kill_inside_save_state_keeps_the_previous_checkpoint(saved, monkeypatch):
+    _fail_in_save_state(monkeypatch, Killed())
     with pytest.raises(Killed):
-        save_checkpoint(FakeAccelerator(saved.model, Killed()), saved.out, {"epoch": 2, "updates": 8})
-    assert (saved.out / ".checkpoint.tmp" / "model.safetensors").exists(), "a kill leaves the half-written save"
-    assert _checkpoint_dir(saved.out) == saved.out / "checkpoint"   # ... which resume ignores
-    assert _progress(saved.out / "checkpoint")["epoch"] == 1
-    _assert_equal_tensors(_tensors(saved.out / "checkpoint" / "model.safetensors"), saved.weights, "checkpoint after a kill mid-save")
-    save_checkpoint(FakeAccelerator(saved.model), saved.out, {"epoch": 2, "updates": 8})   # the next save
-    assert sorted(p.name for p in saved.out.iterdir()) == ["checkpoint"] and _progress(saved.out / "checkpoint")["epoch"] == 2
-    verify_checkpoint(saved.out / "checkpoint")
+        _save(saved.run)
+    monkeypatch.undo()
+    cut = _folder(saved.out, 1)
+    assert (cut / "model.safetensors").exists() and not (cut / "manifest.json").exists(), "a kill leaves the cut save"
+    assert latest_checkpoint(saved.out) == _folder(saved.out, 0)   # ... which resume passes over
+    resumed = _run(saved.out, resume=True)
+    assert resumed.resumed == _folder(saved.out, 0) and not cut.exists(), "the cut folder is removed on resume"
+    assert _save(resumed) == cut and _progress(cut)["epoch"] == 2
+    verify_checkpoint(cut)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "progress", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "progress", "manifest", "missing"])
 def test_damaged_checkpoint_is_named(saved, damage):
-    ckpt = saved.out / "checkpoint"
-    target = {"truncate": ckpt / "model.safetensors", "flip": ckpt / "optimizer.bin", "progress": ckpt / "progress.json",
-              "manifest": ckpt / "manifest.json"}[damage]
+    ckpt = _folder(saved.out, 0)
+    target = {"truncate": ckpt / "model.safetensors", "flip": ckpt / "optimizer.bin", "progress": ckpt / "custom_checkpoint_0.pkl",
+              "manifest": ckpt / "manifest.json", "missing": ckpt / "custom_checkpoint_1.pkl"}[damage]
     data = bytearray(target.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 0x01
+    if damage == "missing":
+        target.unlink()
     else:
-        data = data[: len(data) // 2]
-    target.write_bytes(bytes(data))
-    fragment = "corrupted" if damage == "flip" else "truncated or corrupted"
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x01
+        else:
+            data = data[: len(data) // 2]
+        target.write_bytes(bytes(data))
+    fragment = {"flip": "corrupted", "missing": "is missing"}.get(damage, "truncated or corrupted")
     with pytest.raises(CheckpointError, match=fragment) as info:
-        _checkpoint_dir(saved.out)
+        latest_checkpoint(saved.out)
     assert str(target) in str(info.value)
-    assert _checkpoint_dir(saved.out, verify=False) == ckpt   # the NaN message only names the folder
+    assert latest_checkpoint(saved.out, verify=False) == ckpt   # the NaN message only names the folder
 
+
+def test_a_checkpoint_of_the_earlier_layout_gets_one_line_saying_what_to_do(tmp_path):
+    legacy = tmp_path / "checkpoint"
+    legacy.mkdir()
+    (legacy / "progress.json").write_text('{"epoch": 1, "updates": 4}')
+    with pytest.raises(CheckpointError) as info:
+        latest_checkpoint(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(legacy) in message and "checkpoints/checkpoint_<i>" in message
+    assert "finish that run with the version that started it, or delete" in message
 
 # ------------------------------------------------------------------------------------ atomic writes
 def _enospc_after_partial_write(state, filename, metadata=None):

@@ -35,6 +35,7 @@ from helpers import (
     TRAIN_SUBSET,
     assert_metrics,
     assert_same_params,
+    checkpoint_progress,
     read_json,
     read_metrics,
     recipe_cmd,
@@ -56,10 +57,9 @@ def _ok(res) -> None:
 # ------------------------------------------------------------------------------------ fixtures
 def _snapshot(run_dir: Path) -> dict:
     """What a stopped run left behind (read before it is resumed)."""
-    progress = run_dir / "checkpoint" / "progress.json"
     return {
         "metrics": read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else None,
-        "progress": read_json(progress) if progress.exists() else None,
+        "progress": checkpoint_progress(run_dir),
         "finished_files": sorted(n for n in ("results.json", "subspace.safetensors", "exports") if (run_dir / n).exists()),
     }
 
@@ -176,7 +176,7 @@ def fmnist_eval():
 def test_line_run_folder(line_runs):
     _ok(line_runs.ref_res)
     run_dir = line_runs.ref
-    for name in ("config.yaml", "metrics.jsonl", "checkpoint/progress.json", "subspace.safetensors", "subspace.json",
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/checkpoint_1/manifest.json", "subspace.safetensors", "subspace.json",
                  "results.json"):
         assert (run_dir / name).is_file(), f"{name} missing from the run folder"
     for point in ("centre", "anchor0", "anchor1"):
@@ -189,7 +189,7 @@ def test_line_run_folder(line_runs):
                 "eval_subset": EVAL_SUBSET, "batch_size": BATCH, "bn_batches": 2, "seed": SEED, "output": str(run_dir)}
     assert {k: cfg.get(k) for k in expected} == expected
 
-    progress = read_json(run_dir / "checkpoint" / "progress.json")
+    progress = checkpoint_progress(run_dir)
     assert (progress["epoch"], progress["updates"]) == (2, 2 * STEPS_PER_EPOCH)
     spec = read_json(run_dir / "subspace.json")
     assert spec["kind"] == "subspace" and spec["subspace"]["shape"] == "line" and spec["model"] == "test_resnet"
@@ -302,7 +302,7 @@ def test_bf16_with_gradient_accumulation(standard_runs):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["mixed_precision"] == "bf16" and cfg["grad_accum_steps"] == 2 and cfg["seed"] == 1
     updates = STEPS_PER_EPOCH // 2   # one optimiser update per two batches
-    progress = read_json(run_dir / "checkpoint" / "progress.json")
+    progress = checkpoint_progress(run_dir)
     assert (progress["epoch"], progress["updates"]) == (1, updates)
     (record,) = read_metrics(run_dir)
     assert record["updates"] == updates
