@@ -257,8 +257,8 @@ def _checkpoint_dir(out: Path, verify: bool = True) -> Path | None:
 class Trainer:
     """Train ``model`` (plain or Subspace) for ``args.epochs`` epochs on ``data`` with accelerate.
 
-    ``args`` is a :class:`~subspaces.settings.TrainConfig` (from Python: see :meth:`create`)
-    or the recipes' parsed flags, which carry the same names.
+    ``args`` is a :class:`~subspaces.settings.TrainConfig` (every recipe's settings class is
+    one; from Python see :meth:`create`).
 
     ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
     stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
