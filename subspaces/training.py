@@ -216,29 +216,46 @@ def points_to_evaluate(sub: Subspace, final: bool) -> dict[str, Callable[[], nn.
 # ---------------------------------------------------------------------------------------- progress
 @dataclass
 class _PendingLosses:
-    """The steps since the last check-in: ``buffer[:count]`` on the device holds each step's loss
-    times its batch size; the host keeps each step's update number and batch size (for the
-    message naming a non-finite loss). ``first_step``: the epoch's step number of ``buffer[0]``."""
+    """The steps since the last check-in, left on the device with no host read: each step's mean
+    loss (float32, detached), predicted classes and labels, and on the host its update number and
+    batch size (for the message naming a non-finite loss). A step adds one kernel (the argmax);
+    the check-in weighs the losses by batch size and compares predictions with labels, once per
+    interval. ``first_step``: the epoch's step number of the first pending step."""
 
-    buffer: torch.Tensor
+    device: torch.device
     first_step: int
-    count: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    predictions: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
     updates: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
 
-    def add(self, weighted_loss: torch.Tensor, update: int, size: int) -> None:
-        self.buffer[self.count] = weighted_loss   # one device copy, no host read
-        self.count += 1
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, update: int) -> None:
+        """One step: ``loss`` a 0-dim tensor, ``logits`` [N, C] (both detached), labels ``y`` [N]."""
+        self.losses.append(loss)
+        self.predictions.append(logits.argmax(-1))
+        self.labels.append(y)
         self.updates.append(update)
-        self.sizes.append(size)
+        self.sizes.append(y.shape[0])
 
     def values(self) -> torch.Tensor:
-        return self.buffer[: self.count]
+        """Each pending step's loss times its batch size, [steps] float32."""
+        if not self.losses:
+            return torch.zeros(0, device=self.device)
+        if self.sizes.count(self.sizes[0]) == len(self.sizes):
+            return torch.stack(self.losses) * self.sizes[0]
+        return torch.stack([loss * size for loss, size in zip(self.losses, self.sizes)])
+
+    def correct(self) -> torch.Tensor:
+        """Correct predictions of the pending steps (a long device scalar)."""
+        if not self.labels:
+            return torch.zeros((), dtype=torch.long, device=self.device)
+        return (torch.cat(self.predictions) == torch.cat(self.labels)).sum()
 
     def clear(self, next_step: int) -> None:
-        self.first_step, self.count = next_step, 0
-        self.updates.clear()
-        self.sizes.clear()
+        self.first_step = next_step
+        for kept in (self.losses, self.predictions, self.labels, self.updates, self.sizes):
+            kept.clear()
 
 
 class _Progress:
@@ -256,7 +273,8 @@ class _Progress:
         self.first = start
         self.bar: Progress | None = None
         self.start = time.perf_counter()
-        if self.enabled and self.tty:
+        self.moving = self.enabled and self.tty   # whether advance draws anything: the loop skips the call otherwise
+        if self.moving:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
             self.task = self.bar.add_task(self.label, total=total, completed=start, info="")
@@ -535,11 +553,11 @@ class Trainer:
     def _train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
         """One epoch, from batch ``position["step"]`` on when resuming a stopped one.
 
-        The step has no host synchronisation: each step's loss (times its batch size) is written
-        into a device buffer and the correct predictions are summed on the device; every
-        ``log_interval`` steps and at the epoch's end the buffer is checked for non-finite values
-        (naming the first bad step, update and value), added to the epoch's sum and read together
-        with the stop requests of all ranks (one small all-reduce under DDP).
+        The step has no host synchronisation: each step's loss and predicted classes stay on the
+        device (one argmax a step); every ``log_interval`` steps and at the epoch's end the losses
+        are weighed by batch size and checked for non-finite values (naming the first bad step,
+        update and value), the predictions compared with the labels, both added to the epoch's
+        sums and read together with the stop requests of all ranks (one small all-reduce under DDP).
         """
         a, acc = self.args, self.accelerator
         self.model.train()
@@ -558,13 +576,14 @@ class Trainer:
             seen, elapsed_before = int(position["seen"]), float(position["seconds"])
         samples = max(1, getattr(a, "samples_per_step", 1))
         interval = max(1, a.log_interval)
-        pending = _PendingLosses(torch.zeros(interval, device=device), first + 1)
-        accumulate = (lambda: acc.accumulate(self.model)) if a.grad_accum_steps > 1 else contextlib.nullcontext
+        pending = _PendingLosses(device, first + 1)
+        accumulating, no_accumulation = a.grad_accum_steps > 1, contextlib.nullcontext()
+        single = acc.num_processes == 1
         bar = _Progress(acc, total, epoch, a.epochs, interval, start=first)
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
-                with accumulate():
+                with acc.accumulate(self.model) if accumulating else no_accumulation:
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
                         acc.backward(self._loss(self.model(x), y) / samples)
                     logits = self.model(x)
@@ -574,7 +593,8 @@ class Trainer:
                     if reg is not None:
                         loss = loss + reg.to(loss.dtype)
                     logged = loss if samples == 1 else data_loss + (reg.to(data_loss.dtype) if reg is not None else 0)
-                    pending.add(logged.detach().float() * y.shape[0], self.updates + 1, y.shape[0])   # the last point's loss and the regulariser
+                    # the last point's loss and the regulariser, and its predictions: compared with y at the check-in
+                    pending.add(logged.detach().float(), logits.detach(), y, self.updates + 1)
                     acc.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -584,11 +604,11 @@ class Trainer:
                     if self.on_update is not None:
                         self.on_update(self, self.updates)
                 self.examples_seen += y.shape[0]
-                correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
-                bar.advance(step)
+                if bar.moving:
+                    bar.advance(step)
                 at_interval = step % interval == 0 or step == total
-                local_stop = acc.num_processes == 1 and signals.requested is not None
+                local_stop = single and signals.requested is not None
                 if not (at_interval or local_stop):
                     continue
                 stop, mean_loss, accuracy = self._check_in(epoch, step, signals, pending, loss_sum, correct, seen)
@@ -616,8 +636,9 @@ class Trainer:
                   correct: torch.Tensor, seen: int) -> tuple[bool, float, float]:
         """The loop's one host synchronisation per log interval: raise NonFiniteLossError if a loss
         since the last check was NaN / infinite on any rank; else add the pending losses to
-        ``loss_sum`` (in place) and return whether any rank was asked to stop, and this rank's mean
-        loss and accuracy so far (for the progress line)."""
+        ``loss_sum`` and the pending correct predictions to ``correct`` (in place) and return
+        whether any rank was asked to stop, and this rank's mean loss and accuracy so far (for the
+        progress line)."""
         acc = self.accelerator
         losses = pending.values()
         bad = ~torch.isfinite(losses)
@@ -628,6 +649,7 @@ class Trainer:
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
         loss_sum += torch.where(any_local, 0.0, losses.sum())
+        correct += pending.correct()
         any_bad, any_stop, index, loss_total, correct_total = torch.cat(
             [flags, first_bad.reshape(1).float(), loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
         if any_bad:
