@@ -219,7 +219,7 @@ def test_loop_bench_times_trainer_and_minimal_loop(tmp_path, monkeypatch):
     for r in res["trainer_over_minimal"].values():
         assert _positive(r["ratio"]) and _positive(r["cpu_ratio"])
         assert r["ratio_ci95"] == [r["ratio"], r["ratio"]]   # one round: nothing to resample
-        assert r["verdict"] in ("met", "missed") and r["target"] == 1.02
+        assert r["verdict"] in ("met", "missed") and r["paired_verdict"] in ("met", "missed") and r["target"] == 1.02
         assert math.isfinite(r["cpu_extra_us_per_step"])
     assert set(res["loadavg_1min"]) == {"min", "median", "max"}
 
