@@ -46,13 +46,14 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from scipy import stats
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
+from scipy import stats
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import TensorDataset
 
 import subspaces as ss
@@ -212,11 +213,30 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else {}
 
 
+def count_ops(runners: dict[str, Callable[[int], None]], epoch: int, steps: int) -> dict[str, Any]:
+    """aten operators per step of each runner (one epoch under ``torch.profiler``, untimed), and
+    per variant the operators the Trainer calls beyond the minimal loop, per epoch."""
+    counts: dict[str, dict[str, int]] = {}
+    for k, fn in runners.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(epoch)
+        counts[k] = {e.key: e.count for e in prof.key_averages()}
+    out: dict[str, Any] = {"per_step": {k: sum(c.values()) / steps for k, c in counts.items()}}
+    for k in counts:
+        runner, v = k.split(":")
+        if runner != "minimal" and f"minimal:{v}" in counts:
+            mine, base = counts[k], counts[f"minimal:{v}"]
+            extra = {op: mine.get(op, 0) - base.get(op, 0) for op in set(mine) | set(base)}
+            out[f"{k} extra per epoch"] = dict(sorted(((op, n) for op, n in extra.items() if n), key=lambda kv: -abs(kv[1])))
+    return out
+
+
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     data = synthetic_data(args.train_size, args.img_size, args.num_classes)
-    config = ss.TrainConfig(epochs=args.warmup + args.reps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    config = ss.TrainConfig(epochs=args.warmup + args.reps + (1 if args.count_ops else 0), batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                             momentum=0.9, sched="cosine", beta=args.beta, cpu=args.device == "cpu", log_interval=args.log_interval,
                             mixed_precision=args.mixed_precision, seed=0)
+    steps = -(-args.train_size // args.batch_size)
     base = build_model(name, args.num_classes, img_size=args.img_size)
     runners: dict[str, Callable[[int], None]] = {}
     for v in args.variants:
@@ -227,6 +247,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     for epoch in range(args.warmup):
         for fn in runners.values():
             fn(epoch)
+    ops = count_ops(runners, args.warmup, steps) if args.count_ops else None
+    start = args.warmup + (1 if args.count_ops else 0)
     times = {k: {"wall": [], "cpu": []} for k in runners}
     order, rng = list(runners), random.Random(args.seed)
     loads = []
@@ -235,12 +257,13 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         for k in order:
             c0, t0 = time.process_time(), time.perf_counter()
-            runners[k](args.warmup + rep)
+            runners[k](start + rep)
             t1, c1 = time.perf_counter(), time.process_time()
             times[k]["wall"].append(t1 - t0)
             times[k]["cpu"].append(c1 - c0)
-    steps = -(-args.train_size // args.batch_size)
     out = summarize(times, steps, args.target, args.resamples)
+    if ops is not None:
+        out["aten_ops"] = ops
     out["steps_per_epoch"] = steps
     out["loadavg_1min"] = _spread(loads)
     return out
@@ -267,7 +290,11 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
                           f"{r['cpu_extra_us_per_step']:.0f}", f"{r['verdict']} / {r['paired_verdict']}",
                           f"{r['cpu_verdict']} / {r['cpu_paired_verdict']}",
                           f"{load['min']:.1f}-{load['max']:.1f}" if load else "")
-    Console(width=220).print(table)
+    console = Console(width=220)
+    console.print(table)
+    for model, res in results.items():
+        for k, n in res.get("aten_ops", {}).get("per_step", {}).items():
+            console.print(f"{model} {k}: {n:.1f} aten operators per step")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -296,6 +323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trim", action="store_true",
                    help="re-run with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB): "
                         "no page faults from the heap shrinking and growing again every step")
+    p.add_argument("--count-ops", action="store_true",
+                   help="before timing, profile one epoch of each runner: aten operators per step, and what the Trainer adds")
     p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
@@ -321,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     meta = {k: getattr(args, k) for k in ("models", "variants", "batch_size", "img_size", "train_size", "reps", "warmup", "lr",
                                           "weight_decay", "beta", "log_interval", "mixed_precision", "device", "diagnose",
-                                          "target", "resamples", "seed")}
+                                          "target", "resamples", "seed", "count_ops")}
     meta.update(threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch=torch.__version__,
                 malloc_env={k: os.environ.get(k) for k in NO_TRIM_ENV},
                 python=platform.python_version(), cpu_count=os.cpu_count(), steps_per_epoch=-(-args.train_size // args.batch_size),

@@ -212,7 +212,7 @@ def test_loop_bench_times_trainer_and_minimal_loop(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH.parent))
     loop = _load("loop_bench")
     out = loop.main(["--models", "test_resnet", "--reps", "1", "--warmup", "0", "--train-size", "8", "--batch-size", "4",
-                     "--device", "cpu", "--diagnose", "--output", str(tmp_path / "loop.json")])
+                     "--device", "cpu", "--diagnose", "--count-ops", "--output", str(tmp_path / "loop.json")])
     res = json.loads((tmp_path / "loop.json").read_text())["results"]["test_resnet"]
     assert out["meta"]["steps_per_epoch"] == 2 and out["meta"]["threads"] == 1
     assert set(res["trainer_over_minimal"]) == {"plain", "line", "plain (cached unwrap)", "line (cached unwrap)"}
@@ -222,6 +222,11 @@ def test_loop_bench_times_trainer_and_minimal_loop(tmp_path, monkeypatch):
         assert r["verdict"] in ("met", "missed") and r["paired_verdict"] in ("met", "missed") and r["target"] == 1.02
         assert math.isfinite(r["cpu_extra_us_per_step"])
     assert set(res["loadavg_1min"]) == {"min", "median", "max"}
+    ops = res["aten_ops"]
+    assert set(ops["per_step"]) == {f"{r}:{v}" for r in ("trainer", "minimal", "trainer_cached_unwrap") for v in ("plain", "line")}
+    assert ops["per_step"]["minimal:plain"] > 100
+    # the Trainer's one kernel a step (its predictions), and one in its one check-in (the first non-finite loss)
+    assert ops["trainer:line extra per epoch"]["aten::argmax"] == 2 + 1
 
 
 @pytest.fixture(scope="module")
