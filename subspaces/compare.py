@@ -187,25 +187,25 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
     """The whole of ``recipes/compare.py``: plan, train or reuse every member, evaluate, write results."""
     t_start = time.perf_counter()
     with prepare_run(args) as run:
-        acc, out = run.accelerator, run.out
-        world = acc.num_processes
+        accelerator, out = run.accelerator, run.out
+        world = accelerator.num_processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         jobs = args.jobs or default_jobs(args.threads, local)
         torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
         data, _, spec = build_data_and_model(args)
         logger.info(describe_input(spec))
         plan = make_plan(args, len(data.train))
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             check_protocol(out, protocol_of(args))
             write_run_config(args, out, spec)
             shutil.rmtree(out / ".claims", ignore_errors=True)   # claims of an earlier, stopped job
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         lines = accounting(plan, args)
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             for ln in lines:
                 log(ln)
         in_process = world == 1 and jobs == 1
-        log(f"rank {acc.process_index} of {world}: {'members one after the other in this process' if in_process else f'{jobs} member(s) at a time in worker processes'}, "
+        log(f"rank {accelerator.process_index} of {world}: {'members one after the other in this process' if in_process else f'{jobs} member(s) at a time in worker processes'}, "
             f"{args.threads} thread(s) each")
         seeds = [args.seed + SEED_STRIDE * r for r in range(args.seeds)]
         runners = []
@@ -218,7 +218,7 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
         if not finished:
             log(f"stopped after {args.stop_after_runs} member runs (--stop-after-runs); run the same command again to continue")
             return {"finished": False}
-        if not acc.is_main_process:   # the main process evaluates; the others are done
+        if not accelerator.is_main_process:   # the main process evaluates; the others are done
             return {"finished": True}
         per_seed: list[dict[str, Any]] = []
         for runner in runners:

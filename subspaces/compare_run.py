@@ -80,16 +80,16 @@ class Runner:
         folder = self.root / name
         margs = self.args.member(str(folder), seed=seed, epochs=epochs, subspace=subspace, **extra)
         folder.mkdir(parents=True, exist_ok=True)
-        acc = make_accelerator(margs, project_dir=folder)
+        accelerator = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
         model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
-        net = wrap_subspace(margs, model, rank=acc.process_index)
-        if acc.is_main_process:
+        net = wrap_subspace(margs, model, rank=accelerator.process_index)
+        if accelerator.is_main_process:
             save_config(margs, str(folder / "config.yaml"))
         resume = has_checkpoint(folder)
         what = "standard network" if subspace == "none" else f"{subspace} from scratch"
         log(f"{folder}: {what}, {epochs} epochs, seed {seed}" + (" (resuming)" if resume else ""))
-        trainer = Trainer(margs, net, self.data, self.spec, acc, folder, on_update=on_update)
+        trainer = Trainer(margs, net, self.data, self.spec, accelerator, folder, on_update=on_update)
         trainer.fit(resume=resume)
         finish_run(trainer, f"{name} (seed {seed})")
 
@@ -122,7 +122,7 @@ class Runner:
         seed = self.seed + OFFSETS[method]
         epochs = p.fge_epochs if method == "fge" else p.sse_epochs
         margs = a.member(str(folder), seed=seed, epochs=epochs)
-        acc = make_accelerator(margs, project_dir=folder)
+        accelerator = make_accelerator(margs, project_dir=folder)
         set_seed(seed)
         resume = has_checkpoint(folder)
         if method == "fge":
@@ -130,13 +130,13 @@ class Runner:
             model = load_model(pre / "model.safetensors")
             log(f"{folder}: FGE from {pre}, {epochs} epochs, cycle {p.fge_cycle} iterations" + (" (resuming)" if resume else ""))
             res = train_snapshots("fge", margs, model, self.data, self.spec, folder, cycle=p.fge_cycle, lr_max=a.fge_lr_max,
-                                  lr_min=a.fge_lr_min, optimizer_state=pre / PRETRAIN_OPTIMIZER, accelerator=acc,
+                                  lr_min=a.fge_lr_min, optimizer_state=pre / PRETRAIN_OPTIMIZER, accelerator=accelerator,
                                   info={"start": str(pre), "start_iteration": p.pretrain_iter})
         else:
             model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
             lr_max = a.sse_lr_max if a.sse_lr_max is not None else a.lr
             log(f"{folder}: SSE from scratch, {epochs} epochs, cycle {p.sse_cycle} iterations, seed {seed}" + (" (resuming)" if resume else ""))
-            res = train_snapshots("sse", margs, model, self.data, self.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=acc)
+            res = train_snapshots("sse", margs, model, self.data, self.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=accelerator)
         log(f"{folder}: {len(res['snapshots'])} snapshots")
 
     def spro(self, j: int) -> None:

@@ -261,7 +261,7 @@ def train_snapshots(
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    acc = accelerator or make_accelerator(args, project_dir=out)
+    accelerator = accelerator or make_accelerator(args, project_dir=out)
     schedule = make_schedule(method, cycle, lr_max, lr_min)
     loaded = {"optimizer": "SSE starts from scratch: fresh optimiser"} if method == "sse" else {}
 
@@ -278,16 +278,16 @@ def train_snapshots(
     bn_loader = make_loader(data.bn, args.batch_size, shuffle=False)
     meta = {"method": method, "cycle": cycle, "lr_max": lr_max, "lr_min": lr_min, **(info or {})}
     saver = SnapshotSaver(snapshot_rule(method, cycle), out / SNAPSHOT_DIR, spec, bn_loader, args.bn_batches, {"snapshot_of": meta})
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         write_run_config(args, out, spec)
-    trainer = Trainer(args, model, data, spec, acc, out, make_scheduler=make_scheduler, on_update=saver)
+    trainer = Trainer(args, model, data, spec, accelerator, out, make_scheduler=make_scheduler, on_update=saver)
     status = trainer.fit(resume=resume, train_epochs=train_epochs)
     snaps = list_snapshots(out)
-    if status["finished"] and acc.is_main_process:
+    if status["finished"] and accelerator.is_main_process:
         write_json({**meta, "finished": True, "epochs": args.epochs, "updates": trainer.updates,
                     "updates_per_epoch": trainer.updates_per_epoch, "optimizer": loaded.get("optimizer", "resumed from this run's checkpoint"),
                     "snapshots": [{"iteration": s.iteration, "path": str(s.path.relative_to(out))} for s in snaps]}, out / INDEX)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return {"finished": status["finished"], "snapshots": snaps, "optimizer": loaded.get("optimizer"), "trainer": trainer}
 
 

@@ -22,7 +22,6 @@ Run folder::
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import math
@@ -181,29 +180,46 @@ def points_to_evaluate(sub: Subspace, final: bool) -> dict[str, Callable[[], nn.
 # ---------------------------------------------------------------------------------------- progress
 @dataclass
 class _PendingLosses:
-    """The steps since the last check-in: ``buffer[:count]`` on the device holds each step's loss
-    times its batch size; the host keeps each step's update number and batch size (for the
-    message naming a non-finite loss). ``first_step``: the epoch's step number of ``buffer[0]``."""
+    """The steps since the last check-in, left on the device with no host read: each step's mean
+    loss (float32, detached), predicted classes and labels, and on the host its update number and
+    batch size (for the message naming a non-finite loss). A step adds one kernel (the argmax);
+    the check-in weighs the losses by batch size and compares predictions with labels, once per
+    interval. ``first_step``: the epoch's step number of the first pending step."""
 
-    buffer: torch.Tensor
+    device: torch.device
     first_step: int
-    count: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    predictions: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
     updates: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
 
-    def add(self, weighted_loss: torch.Tensor, update: int, size: int) -> None:
-        self.buffer[self.count] = weighted_loss   # one device copy, no host read
-        self.count += 1
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, update: int) -> None:
+        """One step: ``loss`` a 0-dim tensor, ``logits`` [N, C] (both detached), labels ``y`` [N]."""
+        self.losses.append(loss)
+        self.predictions.append(logits.argmax(-1))
+        self.labels.append(y)
         self.updates.append(update)
-        self.sizes.append(size)
+        self.sizes.append(y.shape[0])
 
     def values(self) -> torch.Tensor:
-        return self.buffer[: self.count]
+        """Each pending step's loss times its batch size, [steps] float32."""
+        if not self.losses:
+            return torch.zeros(0, device=self.device)
+        if self.sizes.count(self.sizes[0]) == len(self.sizes):
+            return torch.stack(self.losses) * self.sizes[0]
+        return torch.stack([loss * size for loss, size in zip(self.losses, self.sizes)])
+
+    def correct(self) -> torch.Tensor:
+        """Correct predictions of the pending steps (a long device scalar)."""
+        if not self.labels:
+            return torch.zeros((), dtype=torch.long, device=self.device)
+        return (torch.cat(self.predictions) == torch.cat(self.labels)).sum()
 
     def clear(self, next_step: int) -> None:
-        self.first_step, self.count = next_step, 0
-        self.updates.clear()
-        self.sizes.clear()
+        self.first_step = next_step
+        for kept in (self.losses, self.predictions, self.labels, self.updates, self.sizes):
+            kept.clear()
 
 
 class _Progress:
@@ -221,7 +237,8 @@ class _Progress:
         self.first = start
         self.bar: Progress | None = None
         self.start = time.perf_counter()
-        if self.enabled and self.tty:
+        self.moving = self.enabled and self.tty   # whether advance draws anything: the loop skips the call otherwise
+        if self.moving:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
             self.task = self.bar.add_task(self.label, total=total, completed=start, info="")
@@ -310,18 +327,18 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _setup(self) -> None:
-        a, acc = self.args, self.accelerator
+        a, accelerator = self.args, self.accelerator
         self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
                                              layer_decay=a.layer_decay)
         self.mixer = batch_mixer(a, int(self.spec.get("num_classes") or self.data.num_classes))
         train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(self.model, self.optimizer, train_loader, eval_loader)
-        self._net = acc.unwrap_model(self.model)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(self.model, self.optimizer, train_loader, eval_loader)
+        self._net = accelerator.unwrap_model(self.model)
         self.updates_per_epoch = math.ceil(len(self.train_loader) / a.grad_accum_steps)
-        if a.batch_size * acc.num_processes > len(self.data.train):
-            largest = len(self.data.train) // acc.num_processes
-            raise ConfigError(f"--batch-size {a.batch_size} x {acc.num_processes} process(es) is more than the {len(self.data.train)} training images: "
+        if a.batch_size * accelerator.num_processes > len(self.data.train):
+            largest = len(self.data.train) // accelerator.num_processes
+            raise ConfigError(f"--batch-size {a.batch_size} x {accelerator.num_processes} process(es) is more than the {len(self.data.train)} training images: "
                               f"use --batch-size <= {largest} or a larger --train-subset")
         sub = self.unwrapped
         if isinstance(sub, Subspace) and a.volume_lambda and a.volume_form == "benton":
@@ -335,9 +352,9 @@ class Trainer:
         elif a.sched != "none":
             self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=a.sched, num_epochs=a.epochs, warmup_epochs=a.warmup_epochs,
                                                    min_lr=a.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
-        use_run_folder(acc, self.output, a.checkpoint_hist)
+        use_run_folder(accelerator, self.output, a.checkpoint_hist)
         # accelerate saves and loads these with the model: progress first (custom_checkpoint_0.pkl), then the scheduler
-        acc.register_for_checkpointing(self.progress, *([self.scheduler] if self.scheduler is not None else []))
+        accelerator.register_for_checkpointing(self.progress, *([self.scheduler] if self.scheduler is not None else []))
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -389,47 +406,47 @@ class Trainer:
         with the same weights as an uninterrupted run (the rest of the epoch's batches in the
         same order). Returns ``{"epochs_done", "finished"}``.
         """
-        a, acc, out = self.args, self.accelerator, self.output
+        a, accelerator, out = self.args, self.accelerator, self.output
         self._setup()
         start, position = 0, None
         metrics_path = out / "metrics.jsonl"
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
             net = self.unwrapped
-            load_checkpoint(acc, ckpt, net if isinstance(net, Subspace) else None)   # self.progress too
+            load_checkpoint(accelerator, ckpt, net if isinstance(net, Subspace) else None)   # self.progress too
             start, self.updates, position = self.progress.epoch, self.progress.updates, self.progress.within_epoch
             where = f"epoch {start + 1}, step {position['step']}" if position else f"epoch {start}"
             logger.info(f"resumed from {ckpt} after {where}")
-            if acc.is_main_process and metrics_path.exists():
+            if accelerator.is_main_process and metrics_path.exists():
                 lines = [ln for ln in metrics_path.read_text().splitlines() if _epoch_of(ln) <= start]
                 metrics_path.write_text("".join(ln + "\n" for ln in lines))
-        elif acc.is_main_process and metrics_path.exists():
+        elif accelerator.is_main_process and metrics_path.exists():
             metrics_path.unlink()
-        prepare_saves(acc, out, ckpt)
+        prepare_saves(accelerator, out, ckpt)
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
-        if acc.log_with:
-            acc.init_trackers(out.name or "run", config={k: v for k, v in a.to_dict().items() if isinstance(v, (bool, int, float, str))})
+        if accelerator.log_with:
+            accelerator.init_trackers(out.name or "run", config={k: v for k, v in a.to_dict().items() if isinstance(v, (bool, int, float, str))})
         try:
-            with StopSignals(announce=acc.is_main_process) as signals:
+            with StopSignals(announce=accelerator.is_main_process) as signals:
                 for epoch in range(start, stop):
                     self._train_epoch(epoch, signals, position if epoch == start else None)
                     last = epoch + 1 == a.epochs
                     record = self.history[-1]
                     if last or (epoch + 1) % a.eval_every == 0:
                         record["eval"] = self.evaluate_now(final=False)
-                    if acc.is_main_process:
+                    if accelerator.is_main_process:
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(record) + "\n")
                         _print_epoch(record)
-                    if acc.log_with:
-                        acc.log(flat_metrics(record), step=self.updates)
+                    if accelerator.log_with:
+                        accelerator.log(flat_metrics(record), step=self.updates)
                     self._save({"epoch": epoch + 1, "updates": self.updates})
                     if self._stop_agreed(signals) and epoch + 1 < stop:
                         raise Preempted(f"{signals.requested or 'a stop on another rank'} after epoch {epoch + 1} of {a.epochs}: "
                                         f"checkpoint written; continue with --resume {out}")
         finally:
-            if acc.log_with:
-                acc.end_training()   # flushes the trackers, also when the run stops early
+            if accelerator.log_with:
+                accelerator.end_training()   # flushes the trackers, also when the run stops early
         return {"epochs_done": stop, "finished": stop == a.epochs}
 
     def _save(self, progress: dict[str, Any]) -> None:
@@ -448,39 +465,40 @@ class Trainer:
     def _train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
         """One epoch, from batch ``position["step"]`` on when resuming a stopped one.
 
-        The step has no host synchronisation: each step's loss (times its batch size) is written
-        into a device buffer and the correct predictions are summed on the device; every
-        ``log_interval`` steps and at the epoch's end the buffer is checked for non-finite values
-        (naming the first bad step, update and value), added to the epoch's sum and read together
-        with the stop requests of all ranks (one small all-reduce under DDP).
+        The step has no host synchronisation: each step's loss and predicted classes stay on the
+        device (one argmax a step); every ``log_interval`` steps and at the epoch's end the losses
+        are weighed by batch size and checked for non-finite values (naming the first bad step,
+        update and value), the predictions compared with the labels, both added to the epoch's
+        sums and read together with the stop requests of all ranks (one small all-reduce under DDP).
         """
-        a, acc = self.args, self.accelerator
+        a, accelerator = self.args, self.accelerator
         self.model.train()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
         total = len(self.train_loader)
         first = int(position["step"]) if position else 0
-        loader = acc.skip_first_batches(self.train_loader, first) if first else self.train_loader
-        device = acc.device
+        loader = accelerator.skip_first_batches(self.train_loader, first) if first else self.train_loader
+        device = accelerator.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen, elapsed_before = 0, 0.0
-        if position and acc.is_main_process:   # the sums over all ranks so far live on the main process
+        if position and accelerator.is_main_process:   # the sums over all ranks so far live on the main process
             loss_sum += position["loss_sum"]
             correct += int(position["correct"])
             seen, elapsed_before = int(position["seen"]), float(position["seconds"])
-        samples = max(1, getattr(a, "samples_per_step", 1))
+        samples = a.samples_per_step
         interval = max(1, a.log_interval)
-        pending = _PendingLosses(torch.zeros(interval, device=device), first + 1)
-        accumulate = (lambda: acc.accumulate(self.model)) if a.grad_accum_steps > 1 else contextlib.nullcontext
-        bar = _Progress(acc, total, epoch, a.epochs, interval, start=first)
+        pending = _PendingLosses(device, first + 1)
+        accumulating, no_accumulation = a.grad_accum_steps > 1, contextlib.nullcontext()
+        single = accelerator.num_processes == 1
+        bar = _Progress(accelerator, total, epoch, a.epochs, interval, start=first)
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
                 x, target = self._mix(x, y)   # train accuracy below stays against the original labels y
-                with accumulate():
+                with accelerator.accumulate(self.model) if accumulating else no_accumulation:
                     for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
-                        acc.backward(self._loss(self.model(x), target) / samples)
+                        accelerator.backward(self._loss(self.model(x), target) / samples)
                     logits = self.model(x)
                     data_loss = self._loss(logits, target)
                     loss = data_loss / samples if samples > 1 else data_loss
@@ -488,36 +506,37 @@ class Trainer:
                     if reg is not None:
                         loss = loss + reg.to(loss.dtype)
                     logged = loss if samples == 1 else data_loss + (reg.to(data_loss.dtype) if reg is not None else 0)
-                    pending.add(logged.detach().float() * y.shape[0], self.updates + 1, y.shape[0])   # the last point's loss and the regulariser
-                    acc.backward(loss)
+                    # the last point's loss and the regulariser, and its predictions: compared with y at the check-in
+                    pending.add(logged.detach().float(), logits.detach(), y, self.updates + 1)
+                    accelerator.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                if acc.sync_gradients:
+                if accelerator.sync_gradients:
                     self.updates += 1
                     self._step_scheduler()
                     if self.on_update is not None:
                         self.on_update(self, self.updates)
                 self.examples_seen += y.shape[0]
-                correct += (logits.detach().argmax(-1) == y).sum()
                 seen += y.shape[0]
-                bar.advance(step)
+                if bar.moving:
+                    bar.advance(step)
                 at_interval = step % interval == 0 or step == total
-                local_stop = acc.num_processes == 1 and signals.requested is not None
+                local_stop = single and signals.requested is not None
                 if not (at_interval or local_stop):
                     continue
                 stop, mean_loss, accuracy = self._check_in(epoch, step, signals, pending, loss_sum, correct, seen)
                 if at_interval:
                     lr = self.optimizer.param_groups[0]["lr"]
-                    rate = (seen - (position["seen"] if position and acc.is_main_process else 0)) * acc.num_processes
+                    rate = (seen - (position["seen"] if position and accelerator.is_main_process else 0)) * accelerator.num_processes
                     rate /= max(time.perf_counter() - t0, 1e-9)
                     bar.update(step, f"loss {mean_loss:.4f} acc {accuracy:.3f} lr {lr:.3g} {rate:.0f} samples/s")
-                    if acc.log_with and acc.sync_gradients:
-                        acc.log({"train_loss": mean_loss, "train_acc": accuracy, "lr": lr, "samples_per_s": rate}, step=self.updates)
-                if stop and acc.sync_gradients:
+                    if accelerator.log_with and accelerator.sync_gradients:
+                        accelerator.log({"train_loss": mean_loss, "train_acc": accuracy, "lr": lr, "samples_per_s": rate}, step=self.updates)
+                if stop and accelerator.sync_gradients:
                     self._stop_within_epoch(epoch, step, loss_sum, correct, seen, elapsed_before + time.perf_counter() - t0, signals)
         finally:
             bar.close()
-        totals = acc.reduce(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]),
+        totals = accelerator.reduce(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]),
                             reduction="sum").tolist()
         elapsed = elapsed_before + time.perf_counter() - t0
         self.history.append({
@@ -530,18 +549,20 @@ class Trainer:
                   correct: torch.Tensor, seen: int) -> tuple[bool, float, float]:
         """The loop's one host synchronisation per log interval: raise NonFiniteLossError if a loss
         since the last check was NaN / infinite on any rank; else add the pending losses to
-        ``loss_sum`` (in place) and return whether any rank was asked to stop, and this rank's mean
-        loss and accuracy so far (for the progress line)."""
-        acc = self.accelerator
+        ``loss_sum`` and the pending correct predictions to ``correct`` (in place) and return
+        whether any rank was asked to stop, and this rank's mean loss and accuracy so far (for the
+        progress line)."""
+        accelerator = self.accelerator
         losses = pending.values()
         bad = ~torch.isfinite(losses)
         any_local = bad.any()
         first_bad = torch.where(any_local, bad.int().argmax(), -1)
-        stop = torch.full((), float(signals.requested is not None), device=acc.device)
+        stop = torch.full((), float(signals.requested is not None), device=accelerator.device)
         flags = torch.stack([any_local.float(), stop])
-        if acc.num_processes > 1:
-            flags = acc.reduce(flags, reduction="sum")
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
         loss_sum += torch.where(any_local, 0.0, losses.sum())
+        correct += pending.correct()
         any_bad, any_stop, index, loss_total, correct_total = torch.cat(
             [flags, first_bad.reshape(1).float(), loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
         if any_bad:
@@ -561,10 +582,10 @@ class Trainer:
     def _stop_within_epoch(self, epoch: int, step: int, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int,
                            seconds: float, signals: StopSignals) -> None:
         """Checkpoint at this step (the epoch's sums so far, over all ranks) and raise Preempted."""
-        acc = self.accelerator
-        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=acc.device, dtype=torch.float64)])
-        if acc.num_processes > 1:
-            sums = acc.reduce(sums, reduction="sum")
+        accelerator = self.accelerator
+        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=accelerator.device, dtype=torch.float64)])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
         loss_total, correct_total, seen_total = sums.tolist()
         position = {"step": step, "loss_sum": loss_total, "correct": int(correct_total), "seen": int(seen_total), "seconds": seconds}
         self._save({"epoch": epoch, "updates": self.updates, "within_epoch": position})
@@ -613,10 +634,10 @@ def results_table(title: str, results: dict[str, dict[str, float]]) -> Table:
 
 def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
     """Final evaluation (every anchor too), exports and results.json; prints the results table."""
-    acc, out, spec = trainer.accelerator, trainer.output, trainer.spec
+    accelerator, out, spec = trainer.accelerator, trainer.output, trainer.spec
     net = trainer.unwrapped
     results = trainer.evaluate_now(final=True)
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         export_format = getattr(trainer.args, "export_format", "both")
         if isinstance(net, Subspace):
             save_subspace(net, out / "subspace", spec)
@@ -631,8 +652,8 @@ def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
             save_export(net, out / "model", spec, export_format)
         write_json({"title": title, "results": results}, out / "results.json")
         Console().print(results_table(title, results))
-    write_json(rank_report(trainer, results), out / "ranks" / f"rank{acc.process_index}.json")
-    acc.wait_for_everyone()
+    write_json(rank_report(trainer, results), out / "ranks" / f"rank{accelerator.process_index}.json")
+    accelerator.wait_for_everyone()
     return results
 
 
@@ -656,8 +677,8 @@ def rank_report(trainer: Trainer, results: dict[str, Any]) -> dict[str, Any]:
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    acc = trainer.accelerator
-    return {"rank": acc.process_index, "world_size": acc.num_processes, "examples_seen": trainer.examples_seen,
+    accelerator = trainer.accelerator
+    return {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "examples_seen": trainer.examples_seen,
             "weights_sha256": digest.hexdigest(), "results": results}
 
 

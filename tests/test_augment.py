@@ -14,7 +14,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torchvision import transforms
 
 import subspaces as ss
-from helpers import DATA_TINY, TINY, assert_metrics, read_json, read_metrics, recipe_cmd, run
+from helpers import assert_metrics, read_json, read_metrics, recipe_cmd, run
 from subspaces import data as D
 from subspaces import training
 from subspaces.augment import Augmentation, augmentation_from, batch_mixer, mix_batch

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "analysis" / "bench.py"
@@ -211,12 +212,61 @@ def test_loop_bench_times_trainer_and_minimal_loop(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH.parent))
     loop = _load("loop_bench")
     out = loop.main(["--models", "test_resnet", "--reps", "1", "--warmup", "0", "--train-size", "8", "--batch-size", "4",
-                     "--device", "cpu", "--diagnose", "--output", str(tmp_path / "loop.json")])
+                     "--device", "cpu", "--diagnose", "--count-ops", "--output", str(tmp_path / "loop.json")])
     res = json.loads((tmp_path / "loop.json").read_text())["results"]["test_resnet"]
-    assert out["meta"]["steps_per_epoch"] == 2
+    assert out["meta"]["steps_per_epoch"] == 2 and out["meta"]["threads"] == 1
     assert set(res["trainer_over_minimal"]) == {"plain", "line", "plain (cached unwrap)", "line (cached unwrap)"}
     for r in res["trainer_over_minimal"].values():
         assert _positive(r["ratio"]) and _positive(r["cpu_ratio"])
+        assert r["ratio_ci95"] == [r["ratio"], r["ratio"]]   # one round: nothing to resample
+        assert r["verdict"] in ("met", "missed") and r["paired_verdict"] in ("met", "missed") and r["target"] == 1.02
+        assert math.isfinite(r["cpu_extra_us_per_step"])
+    assert set(res["loadavg_1min"]) == {"min", "median", "max"}
+    ops = res["aten_ops"]
+    assert set(ops["per_step"]) == {f"{r}:{v}" for r in ("trainer", "minimal", "trainer_cached_unwrap") for v in ("plain", "line")}
+    assert ops["per_step"]["minimal:plain"] > 100
+    # the Trainer's one kernel a step (its predictions), and one in its one check-in (the first non-finite loss)
+    assert ops["trainer:line extra per epoch"]["aten::argmax"] == 2 + 1
+
+
+@pytest.fixture(scope="module")
+def loop_bench():
+    yield _load("loop_bench")
+    sys.modules.pop("subspaces_loop_bench", None)
+
+
+def test_loop_bench_linear_model_is_one_layer_on_the_flattened_image(loop_bench):
+    model = loop_bench.build_model(loop_bench.LINEAR, num_classes=10, in_chans=3, img_size=8)
+    assert [type(m).__name__ for m in model] == ["Flatten", "Linear"] and model[1].in_features == 3 * 8 * 8
+
+
+def test_bootstrap_interval_of_an_exact_ratio_is_that_ratio(loop_bench):
+    b = np.random.default_rng(1).uniform(0.1, 0.3, 50)
+    low, high = loop_bench.bootstrap_interval(1.1 * b, b, resamples=500)
+    assert low == pytest.approx(1.1, abs=1e-12) and high == pytest.approx(1.1, abs=1e-12)
+    assert loop_bench.verdict((low, high), 1.02) == "missed"
+    assert loop_bench.verdict(loop_bench.bootstrap_interval(b, b, resamples=500), 1.02) == "met"
+
+
+def test_bootstrap_interval_covers_the_true_ratio_and_pairing_narrows_it(loop_bench):
+    """Rounds whose speed varies 2x (a shared machine's load) hit both loops alike: the paired
+    ratio's interval is far narrower than the ratio of medians', both contain the true 1.05."""
+    rng = np.random.default_rng(0)
+    load = rng.uniform(1.0, 2.0, 400)                     # per round, shared by both
+    b = 0.2 * load * rng.normal(1.0, 0.01, 400)
+    a = 1.05 * 0.2 * load * rng.normal(1.0, 0.01, 400)
+    low, high = loop_bench.bootstrap_interval(a, b, resamples=2000)
+    p_low, p_high = loop_bench.bootstrap_interval(a, b, loop_bench.median_paired_ratio, resamples=2000)
+    assert low < 1.05 < high and p_low < 1.05 < p_high
+    assert p_high - p_low < (high - low) / 3
+    assert p_high - p_low < 0.01
+    assert loop_bench.verdict((p_low, p_high), 1.02) == "missed" and loop_bench.verdict((p_low, p_high), 1.06) == "met"
+    assert loop_bench.verdict((1.01, 1.03), 1.02) == "unresolved"
+
+
+def test_bootstrap_interval_needs_paired_rounds(loop_bench):
+    with pytest.raises(ValueError, match="equal lengths"):
+        loop_bench.bootstrap_interval([1.0, 2.0], [1.0])
 
 
 def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ import sys
 import types
 
 import pytest
-import timm
 
 from helpers import EVAL_SUBSET, TINY, TRAIN_SUBSET, BATCH, assert_metrics, checkpoint_progress, read_json, read_metrics, run, run_all
 from subspaces.checkpoint import latest_checkpoint
