@@ -263,12 +263,6 @@ class _Progress:
             self.bar.stop()
 
 
-# ---------------------------------------------------------------------------------------- checkpoints
-def _checkpoint_dir(out: Path, verify: bool = True) -> Path | None:
-    """The newest complete checkpoint (:func:`subspaces.checkpoint.latest_checkpoint`), named in the loop's messages."""
-    return latest_checkpoint(out, verify=verify)
-
-
 # ---------------------------------------------------------------------------------------- loop
 @dataclass
 class Trainer:
@@ -566,7 +560,7 @@ class Trainer:
         any_bad, any_stop, index, loss_total, correct_total = torch.cat(
             [flags, first_bad.reshape(1).float(), loss_sum.reshape(1).float(), correct.reshape(1).float()]).tolist()
         if any_bad:
-            done = _checkpoint_dir(self.output, verify=False)
+            done = latest_checkpoint(self.output, verify=False)
             kept = f"the last good checkpoint {done} is kept" if done else "no checkpoint was written yet"
             if index >= 0:
                 local_step, local_update = pending.first_step + int(index), pending.updates[int(index)]
