@@ -244,23 +244,24 @@ def prepare_saves(accelerator: Accelerator, out: str | os.PathLike, resumed_from
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator: Accelerator, progress: TrainingProgress, rank_state: torch.Tensor | None = None) -> Path:
+def save_checkpoint(accelerator: Accelerator, progress: TrainingProgress, model: torch.nn.Module,
+                    rank_state: torch.Tensor | None = None) -> Path:
     """``accelerator.save_state()`` into the next ``checkpoint_<i>`` (accelerate keeping the newest
     ``total_limit``), then this rank's ``rank_state`` (a subspace's point generator, which differs
     per rank: accelerate saves registered objects on the main process only) as
     ``rank_state_<rank>.pt``, then ``manifest.json`` (every file's size and SHA-256), last.
 
-    Weights that are not finite are never saved (NonFiniteLossError); a failed write (disk full)
-    removes the cut folder and leaves the previous checkpoints as they were. Returns the folder.
+    ``model`` (the prepared one) is checked first: weights that are not finite are never saved
+    (NonFiniteLossError); a failed write (disk full) removes the cut folder and leaves the
+    previous checkpoints as they were. Returns the folder.
     """
-    for model in getattr(accelerator, "_models", []):   # never save NaN weights over a good checkpoint
-        for name, p in model.named_parameters():
-            if not bool(torch.isfinite(p.detach()).all()):
-                raise NonFiniteLossError(
-                    f"weight {name} is NaN or infinite after epoch {progress.epoch} (update "
-                    f"{progress.updates}): the run stopped without saving it; the last good "
-                    f"checkpoint is kept. Lower --lr, or try --mixed-precision no / bf16"
-                )
+    for name, p in model.named_parameters():   # never save NaN weights over a good checkpoint
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteLossError(
+                f"weight {name} is NaN or infinite after epoch {progress.epoch} (update "
+                f"{progress.updates}): the run stopped without saving it; the last good "
+                f"checkpoint is kept. Lower --lr, or try --mixed-precision no / bf16"
+            )
     folder = Path(accelerator.project_dir) / CHECKPOINTS / f"checkpoint_{accelerator.save_iteration}"
     try:
         accelerator.save_state(safe_serialization=True)

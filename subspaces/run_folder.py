@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-import yaml
 from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from filelock import FileLock, Timeout
+import yaml
 
 from .checkpoint import project_configuration
 from .errors import ConfigError

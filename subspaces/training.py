@@ -447,7 +447,7 @@ class Trainer:
         net = self.unwrapped
         rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
         self.progress.load_state_dict(progress)
-        save_checkpoint(self.accelerator, self.progress, rank_state)
+        save_checkpoint(self.accelerator, self.progress, self.model, rank_state)
 
     def _stop_agreed(self, signals: StopSignals) -> bool:
         """Whether any rank was asked to stop (one all-reduce under DDP, none on one process)."""

@@ -287,7 +287,7 @@ def _step(r: types.SimpleNamespace) -> None:
 
 def _save(r: types.SimpleNamespace) -> Path:
     _step(r)
-    return save_checkpoint(r.acc, r.progress)
+    return save_checkpoint(r.acc, r.progress, r.model)
 
 
 @pytest.fixture
@@ -353,7 +353,7 @@ def test_save_checkpoint_refuses_nan_weights(saved):
     with torch.no_grad():
         saved.run.model[0].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match=r"weight 0\.weight is NaN or infinite after epoch 1 .*checkpoint is kept"):
-        save_checkpoint(saved.run.acc, saved.run.progress)
+        save_checkpoint(saved.run.acc, saved.run.progress, saved.run.model)
     assert [p.name for p in checkpoint_folders(saved.out)] == ["checkpoint_0"]
     _assert_equal_tensors(_tensors(_folder(saved.out, 0) / "model.safetensors"), saved.weights, "checkpoint after refused save")
 
