@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_optim_args(p, lr=0.05, epochs=20, sched="cosine", wd=5e-4)
     config.add_run_args(p, output="runs/compare")
     config.add_compare_args(p)
-    p.set_defaults(model="test_resnet", train_subset=10000, eval_subset=10000, batch_size=64, bn_batches=10)
+    p.set_defaults(model="test_resnet", train_subset=10000, eval_subset=10000, holdout=5000, batch_size=64, bn_batches=10)
     return p
 
 

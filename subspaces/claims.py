@@ -1,126 +1,148 @@
-"""The papers' claims checked against a comparison's own numbers (pure functions of its tables).
+"""The papers' claims checked against a comparison's own predictions, with their uncertainty.
 
-Each replicate (seed) of ``recipes/compare.py`` gives a table ``{row: {"kB": cell}}`` whose cells
-hold ``acc`` and ``nll`` (``error`` = 100 (1 - acc)). A claim compares rows of that table:
+Each claim compares rows of the table evaluated on the same test examples (every member of a
+replicate trains on the same images and every replicate shares the test examples), through the
+paired difference method - reference of a per-example loss, error in points or NLL
+(:mod:`subspaces.stats`):
 
-- (b) [G] Table 1: FGE(1B) error <= Ind(1B) error.
-- (c1) [W] Figure 1: the line's midpoint trained for 1B has error and NLL <= those of one standard
-  network (the "Single network" row: the mean of the independent networks, each alone); the same
-  for the midpoint of [W]'s layerwise line (c1-layerwise), when the run trains one.
-- (c2) [W]: the ensemble of the line's two endpoints at 1B has error <= Ind(1B); the gap to
-  Ind(2B) is reported beside it.
-- (d) [B]: ESPRO(k) error <= Ind(k) error at every budget k both rows have (the same number of
-  independently trained base networks).
+- (b) [G] Table 1: FGE(1B) error below Ind(1B) error.
+- (c1) [W] Figure 1: the midpoint of a line trained for 1B has lower error and lower NLL than one
+  standard network ("Single network": the Ind networks, each alone); (c1-layerwise) the same for
+  [W]'s layerwise line, when the run trains one.
+- (c2) [W]: the ensemble of the line's two endpoints at 1B has lower error than Ind(1B); its
+  difference to Ind(2B) is reported beside it.
+- (d) [B]: ESPRO(k) error below Ind(k) error at every budget k (the same number of base networks).
 
-A claim whose rows are missing from the run is left out. Over several seeds a claim is *held*
-when it holds on at least two thirds of them (2 of 3), and the count is reported.
+Each part gets a 95 % paired bootstrap interval over test examples (and replicates) and a
+verdict: **held** when the interval lies below 0, **contradicted** when it lies above 0, **not
+resolved at this scale** otherwise; a claim of several parts is held when every part is held and
+contradicted when any part is (:func:`subspaces.stats.combine`). A claim whose rows are missing
+from the run is left out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-Table = dict[str, dict[str, dict[str, Any]]]
+import numpy as np
+from torch import Tensor
+
+from .stats import Bootstrap, Interval, combine, paired_difference, verdict
+
+#: row probabilities of one replicate on the test split: {(row, k): [M, N, C]}
+RowProbs = dict[tuple[str, int], Tensor]
+
+
+@dataclass
+class Part:
+    """One paired comparison: ``method`` minus ``reference`` in ``metric`` (error in points or NLL)."""
+
+    label: str
+    metric: str
+    method: str
+    reference: str
+    difference: Interval
+    verdict: str
+    informative: bool = False   # reported beside the claim, not part of its verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "metric": self.metric, "method": self.method, "reference": self.reference,
+                "difference": self.difference.to_dict(), "verdict": self.verdict, "informative": self.informative}
 
 
 @dataclass
 class Claim:
-    """One claim over the seeds: ``held_per_seed[i]`` and the numbers it compared on seed i."""
+    """A claim of a paper, its parts and its verdict over the run's replicates."""
 
     key: str
     statement: str
     source: str
-    held_per_seed: list[bool] = field(default_factory=list)
-    numbers: list[dict[str, float]] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
 
     @property
-    def seeds_held(self) -> int:
-        return sum(self.held_per_seed)
-
-    @property
-    def held(self) -> bool:
-        return 3 * self.seeds_held >= 2 * len(self.held_per_seed) and bool(self.held_per_seed)
+    def verdict(self) -> str:
+        return combine([p.verdict for p in self.parts if not p.informative])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "seeds_held": self.seeds_held, "seeds": len(self.held_per_seed), "held": self.held}
-
-
-def error(cell: dict[str, Any]) -> float:
-    """Test error in percent of a table cell: 100 (1 - acc)."""
-    return 100.0 * (1.0 - float(cell["acc"]))
-
-
-def _cell(table: Table, row: str, budget: int) -> dict[str, Any] | None:
-    return table.get(row, {}).get(f"{budget}B")
-
-
-def _one_seed(table: Table, budgets: Sequence[int]) -> dict[str, tuple[bool, dict[str, float]]]:
-    """Every claim that this replicate's rows allow: key -> (held, numbers)."""
-    out: dict[str, tuple[bool, dict[str, float]]] = {}
-    ind1, ind2 = _cell(table, "Ind", 1), _cell(table, "Ind", 2)
-    fge1 = _cell(table, "FGE", 1)
-    if ind1 is not None and fge1 is not None:
-        out["b"] = (error(fge1) <= error(ind1), {"FGE(1B) error": error(fge1), "Ind(1B) error": error(ind1)})
-    single = _cell(table, "Single network", 1)
-    for key, row in (("c1", "Line midpoint"), ("c1-layerwise", "Line (layerwise) midpoint")):
-        mid = _cell(table, row, 1)
-        if mid is not None and single is not None:
-            held = error(mid) <= error(single) and float(mid["nll"]) <= float(single["nll"])
-            out[key] = (held, {"midpoint error": error(mid), "single error": error(single),
-                               "midpoint NLL": float(mid["nll"]), "single NLL": float(single["nll"])})
-    ends = _cell(table, "Line endpoints (ens.)", 1)
-    if ends is not None and ind1 is not None:
-        numbers = {"endpoints error": error(ends), "Ind(1B) error": error(ind1)}
-        if ind2 is not None:
-            numbers["Ind(2B) error"] = error(ind2)
-            numbers["gap to Ind(2B)"] = error(ends) - error(ind2)
-        out["c2"] = (error(ends) <= error(ind1), numbers)
-    pairs = [(k, _cell(table, "ESPRO", k), _cell(table, "Ind", k)) for k in budgets]
-    pairs = [(k, e, i) for k, e, i in pairs if e is not None and i is not None]
-    if pairs:
-        numbers = {}
-        for k, e, i in pairs:
-            numbers[f"ESPRO({k}) error"] = error(e)
-            numbers[f"Ind({k}B) error"] = error(i)
-        out["d"] = (all(error(e) <= error(i) for _, e, i in pairs), numbers)
-    return out
+        return {"key": self.key, "statement": self.statement, "source": self.source, "verdict": self.verdict,
+                "parts": [p.to_dict() for p in self.parts]}
 
 
 STATEMENTS = {
-    "b": ("FGE(1B) error <= Ind(1B) error", "[G] Table 1"),
-    "c1": ("Line midpoint at 1B: error and NLL <= one standard network's", "[W] Figure 1"),
-    "c1-layerwise": ("Layerwise line's midpoint at 1B: error and NLL <= one standard network's", "[W], layerwise variant"),
-    "c2": ("Line endpoints (ens.) at 1B: error <= Ind(1B) error (gap to Ind(2B) reported)", "[W]"),
-    "d": ("ESPRO(k) error <= Ind(k) error, same number of base networks, at every budget", "[B]"),
+    "b": ("FGE(1B) error < Ind(1B) error", "[G] Table 1"),
+    "c1": ("Line midpoint at 1B: error and NLL < one standard network's", "[W] Figure 1"),
+    "c1-layerwise": ("Layerwise line's midpoint at 1B: error and NLL < one standard network's", "[W], layerwise variant"),
+    "c2": ("Line endpoints (ens.) at 1B: error < Ind(1B) error (difference to Ind(2B) reported)", "[W]"),
+    "d": ("ESPRO(k) error < Ind(k) error, same number of base networks, at every budget", "[B]"),
 }
 
 
-def check_claims(tables: Sequence[Table], budgets: Sequence[int]) -> list[Claim]:
-    """The claims over replicates: one :class:`Claim` per claim the rows allow, in the order b, c1, c1-layerwise, c2, d."""
-    per_seed = [_one_seed(t, budgets) for t in tables]
-    claims = []
-    for key, (statement, source) in STATEMENTS.items():
-        results = [r[key] for r in per_seed if key in r]
-        if len(results) != len(per_seed) or not results:
-            continue
-        claims.append(Claim(key, statement, source, [held for held, _ in results], [nums for _, nums in results]))
+def cell_name(row: str, k: int) -> str:
+    """A cell's name as in results.csv and predictions.safetensors: ``ROW@kB``."""
+    return f"{row}@{k}B"
+
+
+def check_claims(replicates: Sequence[RowProbs], labels: Tensor, budgets: Sequence[int], bootstrap: Bootstrap,
+                 losses: Any) -> list[Claim]:
+    """The claims the rows allow, in the order b, c1, c1-layerwise, c2, d.
+
+    ``replicates``: each replicate's test row probabilities; ``labels`` [N] the shared test
+    labels; ``losses(probs, labels) -> {"error": [N], "nll": [N]}`` the per-example losses of a
+    row (:func:`subspaces.compare_eval.per_example_losses`)."""
+    cache: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def has(row: str, k: int) -> bool:
+        return all((row, k) in rep for rep in replicates)
+
+    def values(row: str, k: int, metric: str) -> np.ndarray:
+        if (row, k, metric) not in cache:
+            cache[(row, k, metric)] = np.stack([losses(rep[(row, k)], labels)[metric].numpy() for rep in replicates])
+        return cache[(row, k, metric)]
+
+    def part(label: str, metric: str, method: tuple[str, int], reference: tuple[str, int], informative: bool = False) -> Part:
+        d = paired_difference(values(*method, metric), values(*reference, metric), bootstrap)
+        return Part(label, metric, cell_name(*method), cell_name(*reference), d, verdict(d), informative)
+
+    claims: list[Claim] = []
+
+    def add(key: str, parts: list[Part]) -> None:
+        statement, source = STATEMENTS[key]
+        claims.append(Claim(key, statement, source, parts))
+
+    if has("FGE", 1) and has("Ind", 1):
+        add("b", [part("FGE(1B) - Ind(1B)", "error", ("FGE", 1), ("Ind", 1))])
+    for key, row in (("c1", "Line midpoint"), ("c1-layerwise", "Line (layerwise) midpoint")):
+        if has(row, 1) and has("Single network", 1):
+            add(key, [part(f"{row} - single network", m, (row, 1), ("Single network", 1)) for m in ("error", "nll")])
+    if has("Line endpoints (ens.)", 1) and has("Ind", 1):
+        parts = [part("endpoints - Ind(1B)", "error", ("Line endpoints (ens.)", 1), ("Ind", 1))]
+        if has("Ind", 2):
+            parts.append(part("endpoints - Ind(2B)", "error", ("Line endpoints (ens.)", 1), ("Ind", 2), informative=True))
+        add("c2", parts)
+    pairs = [k for k in budgets if has("ESPRO", k) and has("Ind", k)]
+    if pairs:
+        add("d", [part(f"ESPRO({k}) - Ind({k}B)", "error", ("ESPRO", k), ("Ind", k)) for k in pairs])
     return claims
 
 
-def render_claims(claims: Sequence[Claim]) -> list[str]:
-    """Markdown lines: one bullet per claim with its verdict, the seeds that held it and its numbers."""
+def _number(metric: str, value: float) -> str:
+    return f"{value:+.2f}" if metric == "error" else f"{value:+.4f}"
+
+
+def render_claims(claims: Sequence[Claim], replicates: int) -> list[str]:
+    """Markdown lines: one bullet per claim with its verdict and each part's paired difference and interval."""
     if not claims:
         return ["No claim could be checked: the run lacks the rows they compare."]
     lines = []
     for c in claims:
-        n = len(c.held_per_seed)
-        verdict = "**held**" if c.held else "**not held**"
-        where = f"{c.seeds_held} of {n} seeds" if n > 1 else ("this seed" if c.seeds_held else "not on this seed")
-        nums = "; ".join(
-            f"replicate {i}: " + ", ".join(f"{k} {v:.2f}" if "NLL" not in k else f"{k} {v:.4f}" for k, v in numbers.items())
-            for i, numbers in enumerate(c.numbers)
-        )
-        lines.append(f"- ({c.key}) {c.statement} ({c.source}): {verdict} ({where}). {nums}")
+        parts = "; ".join(
+            f"{p.label} {p.metric} {_number(p.metric, p.difference.value)} [{_number(p.metric, p.difference.lo)}, "
+            f"{_number(p.metric, p.difference.hi)}]" + (" (reported)" if p.informative else f" {p.verdict}")
+            for p in c.parts)
+        lines.append(f"- ({c.key}) {c.statement} ({c.source}): **{c.verdict}**. {parts}")
+    seeds = f"{replicates} replicates and the test examples" if replicates > 1 else "the test examples"
+    lines.append(f"Differences are method - reference (error in points, NLL in nats) with 95 % paired bootstrap intervals over "
+                 f"{seeds}; held: the interval lies below 0, contradicted: above 0, otherwise not resolved at this scale.")
     return lines

@@ -20,14 +20,13 @@ from typing import Any, TypeVar
 import yaml
 
 from .config import parse_with_config
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted
+from .errors import PREEMPTED_STATUS, CheckpointError, ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .run_folder import RESOLVED_KEY, read_config
 from .settings import Settings
 
 S = TypeVar("S", bound=Settings)
 
 #: exit status of a run stopped by SIGTERM / SIGINT that can be resumed (sysexits' EX_TEMPFAIL)
-PREEMPTED_STATUS = 75
 
 #: flags that describe the job rather than the run: a resumed run keeps the caller's values
 _JOB_FLAGS = ("resume", "stop_after_epochs", "log_interval", "cpu")
@@ -99,6 +98,8 @@ def run(job: Callable[[], Any]) -> int:
         return _fail(err, PREEMPTED_STATUS, prefix="stopped")
     except NonFiniteLossError as err:
         return _fail(err, 3)
+    except MemberFailed as err:
+        return _fail(err, 1)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         return _fail(err, 2)
     except OSError as err:

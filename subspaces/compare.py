@@ -15,8 +15,11 @@ B is the number of epochs of one standard network. At a budget kB:
 - **ESPRO** [B]: a SPRO simplex grown from each of the first k Ind networks, points sampled from
   all k simplexes; its cost is kB plus the SPRO epochs (times the points per batch).
 
-Every evaluated network has its BatchNorm statistics recomputed at its own weights first, the
-Ind networks included, and every ensemble averages probabilities.
+Every member trains on the same images (the compare's data seed draws the training subset, the
+validation split held out of it, and the test subset once; members differ only in their own
+seeds), and every row is evaluated on the validation split and the test split. Every evaluated
+network has its BatchNorm statistics recomputed at its own weights first (on training images),
+the Ind networks included, and every ensemble averages probabilities.
 
 Members are independent runs, each a run folder under ``OUTPUT/seedR/`` with its own checkpoints,
 trained by one process each: ``--jobs`` of them at a time in worker processes (``--threads``
@@ -24,41 +27,49 @@ torch threads each), or, under ``torchrun`` / ``accelerate launch --num_processe
 between the ranks (each claims the next member whose inputs are ready). Every member trains
 alone, so the plan (global batch, updates per epoch, snapshot counts) is the same under any
 launcher. A stopped compare run started again skips finished members and resumes unfinished ones.
-Results: a table and the papers' claims checked on it (:mod:`subspaces.claims`), on the console
-and in ``results.md``, ``results.json``, ``results.csv`` in OUTPUT. The plan is
+Each member predicts with its own networks where it trained (:mod:`subspaces.compare_eval`);
+this process only averages the saved probabilities into rows. Results: a table with 95 %
+bootstrap intervals and the papers' claims checked on the test predictions with paired intervals
+and three-way verdicts (:mod:`subspaces.claims`, :mod:`subspaces.stats`), on the console and in
+``results.md``, ``results.json``, ``results.csv``, ``results.png`` in OUTPUT, and each
+replicate's probabilities in ``seedR/predictions.safetensors``. The plan is
 :mod:`subspaces.compare_plan`, the members' training :mod:`subspaces.compare_run`, the tables
-:mod:`subspaces.compare_report`; this module evaluates the members and runs the job.
+:mod:`subspaces.compare_report`; this module runs the job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from accelerate.logging import get_logger
 
-from .bn import update_bn
-from .claims import check_claims, render_claims
+from .claims import cell_name, check_claims, render_claims
+from .compare_eval import PREDICTIONS, Rows, per_example_losses, replicate_rows, row_metrics, save_replicate_predictions, split_labels
+from .compare_figure import budget_figure
 from .compare_plan import JOB_KEYS, METHODS, OFFSETS, SEED_STRIDE, Plan, accounting, make_plan, protocol_of
 from .compare_report import ROW_ORDER, aggregate, render_csv, render_markdown, rich_table, row_rank
 from .compare_run import Runner, Task, default_jobs, log, run_members, train_seconds
-from .data import DataBundle, make_loader
-from .ensembles import Ensemble, evaluate, subspace_points
+from .data import data_record
 from .errors import ConfigError
-from .io import load_model, load_subspace, write_json
-from .snapshots import list_snapshots, swa_average
+from .io import write_json
 from .run_folder import describe_input, prepare_run, write_run_config
 from .settings import CompareConfig
+from .stats import Bootstrap, Interval
 from .training import build_data_and_model
+
+#: the job's figure: test error and NLL against the budget
+FIGURE = "results.png"
+#: resamples of the bootstrap intervals (cells and claims share them)
+BOOTSTRAP_RESAMPLES = 2000
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -69,104 +80,32 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _fingerprint(root: Path, protocol: dict[str, Any]) -> str:
-    """Identifies the finished members (their final files' sizes and times) and the protocol."""
-    h = hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode())
-    for marker in sorted([*root.glob("*/results.json"), *root.glob("*/snapshots.json"), *root.glob("spro*/vertex*/results.json")]):
-        st = marker.stat()
-        h.update(f"{marker.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+def evaluate_replicate(plan: Plan, args: CompareConfig, root: Path, labels: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Rows]:
+    """Metrics of every row at every budget of one replicate, from its members' saved predictions:
+    ``{"rows": {row: {"kB": {test metrics, val_ metrics, members, cost}}}, "train_seconds": ...}``,
+    and the rows' probabilities (:class:`~subspaces.compare_eval.Rows`)."""
+    rows = replicate_rows(plan, args.samples, root)
+    table: dict[str, dict[str, Any]] = {}
+    for row, k in rows.keys():
+        cell: dict[str, Any] = {}
+        for split, prefix in (("test", ""), ("val", "val_")):
+            if (row, k) in rows.probs.get(split, {}):
+                cell.update({prefix + key: v for key, v in row_metrics(rows.probs[split][(row, k)], labels[split]).items()})
+        table.setdefault(row, {})[f"{k}B"] = {**cell, "members": rows.members[(row, k)], "cost": rows.cost[(row, k)]}
+    costs = {member.name: round(train_seconds(member), 1) for member in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "logs")}
+    return {"rows": table, "train_seconds": costs}, rows
 
 
-def _metrics(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(m[k]) for k in ("acc", "nll", "ece", "brier")}
-
-
-def evaluate_replicate(args: CompareConfig, plan: Plan, data: DataBundle, root: Path) -> dict[str, Any]:
-    """Metrics of every method at every budget for one replicate: {row: {"kB": {metrics, members, cost}}}.
-
-    Every network is evaluated with BatchNorm recomputed at its own weights (snapshots were saved so).
-    """
-    eval_loader = make_loader(data.eval, args.eval_batch_size, shuffle=False)
-    bn_loader = make_loader(data.bn, args.batch_size, shuffle=False)
-    C, bn_batches = data.num_classes, args.bn_batches
-    rows: dict[str, dict[str, Any]] = {}
-
-    def put(row: str, k: int, metrics: dict[str, Any], members: int) -> None:
-        rows.setdefault(row, {})[f"{k}B"] = {**_metrics(metrics), "members": members, "cost": plan.cost(row, k)}
-
-    def recomputed(path: Path) -> torch.nn.Module:
-        return update_bn(load_model(path), bn_loader, max_batches=bn_batches)
-
-    top = max(plan.budgets)
-    # Ind, and "Single network": the mean of the Ind networks' own metrics (each alone)
-    res = evaluate(Ensemble([recomputed(root / f"ind{j}" / "model.safetensors") for j in range(top)]), eval_loader,
-                   num_classes=C, per_member=True)
-    for k in plan.budgets:
-        put("Ind", k, res["by_size"][k - 1], k)
-    put("Single network", 1, {key: statistics.fmean(m[key] for m in res["members"]) for key in ("acc", "nll", "ece", "brier")}, 1)
-    log(f"{root}: Ind evaluated")
-    for method in ("sse", "fge"):
-        if method not in plan.methods:
+def cell_intervals(replicates: list[Rows], labels: torch.Tensor, bootstrap: Bootstrap) -> dict[str, dict[str, Interval]]:
+    """Each test cell's error (points) and NLL with its bootstrap interval over test examples (and
+    replicates): ``{"ROW@kB": {"error": Interval, "nll": Interval}}``."""
+    out: dict[str, dict[str, Interval]] = {}
+    for key in replicates[0].probs["test"]:
+        if not all(key in rep.probs["test"] for rep in replicates):
             continue
-        snaps = list_snapshots(root / method)
-        its = [s.iteration for s in snaps]
-        count = (lambda k, its=its: plan.fge_count(k, its)) if method == "fge" else (lambda k, its=its: plan.sse_count(k, its))
-        n_top = count(top)
-        if n_top == 0:
-            continue
-        res = evaluate(Ensemble([load_model(s.path) for s in snaps[:n_top]]), eval_loader, num_classes=C, per_member=True)
-        for k in plan.budgets:
-            n = count(k)
-            if n:
-                put(method.upper(), k, res["by_size"][n - 1], n)
-        if method == "fge" and "swa" in plan.methods:
-            for k in plan.budgets:
-                n = count(k)
-                if n:
-                    swa = swa_average([s.path for s in snaps[:n]], bn_loader, bn_batches)
-                    put("SWA", k, evaluate(swa, eval_loader, num_classes=C), n)
-        log(f"{root}: {method.upper()} evaluated ({n_top} snapshots)")
-    for k in plan.subspace_budgets:
-        if "line" in plan.methods:
-            line = load_subspace(root / f"line{k}B")
-            ts = subspace_points(line, "even", args.samples)
-            exported = {float(t): line.export(t, bn_loader=bn_loader, bn_batches=bn_batches) for t in ts}
-            mid = exported.get(0.5) or line.export(0.5, bn_loader=bn_loader, bn_batches=bn_batches)
-            put("Line midpoint", k, evaluate(mid, eval_loader, num_classes=C), 1)
-            put("Line endpoints (ens.)", k, evaluate(Ensemble([exported[0.0], exported[1.0]]), eval_loader, num_classes=C), 2)
-            put(f"Line {args.samples} points (ens.)", k, evaluate(Ensemble(list(exported.values())), eval_loader, num_classes=C), args.samples)
-            log(f"{root}: line trained {k}B evaluated")
-        if "layerwise" in plan.methods:
-            line = load_subspace(root / f"layerwise{k}B")
-            ends = [line.export(t, bn_loader=bn_loader, bn_batches=bn_batches) for t in (0.0, 1.0)]
-            put("Line (layerwise) midpoint", k, evaluate(line.export(0.5, bn_loader=bn_loader, bn_batches=bn_batches), eval_loader, num_classes=C), 1)
-            put("Line (layerwise) endpoints (ens.)", k, evaluate(Ensemble(ends), eval_loader, num_classes=C), 2)
-            log(f"{root}: layerwise line trained {k}B evaluated")
-        if "simplex" in plan.methods:
-            sim = load_subspace(root / f"simplex{k}B")
-            gen = torch.Generator().manual_seed(args.seed + k)
-            centre = sim.export(None, bn_loader=bn_loader, bn_batches=bn_batches)
-            put("Simplex centre", k, evaluate(centre, eval_loader, num_classes=C), 1)
-            vertices = [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "ends")]
-            put("Simplex vertices (ens.)", k, evaluate(Ensemble(vertices), eval_loader, num_classes=C), sim.num_anchors)
-            samples = [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "random", args.samples, gen)]
-            put(f"Simplex {args.samples} samples (ens.)", k, evaluate(Ensemble(samples), eval_loader, num_classes=C), args.samples)
-            log(f"{root}: simplex trained {k}B evaluated")
-    if "espro" in plan.methods:   # ESPRO(k): the samples of the first k simplexes, one pass for every k
-        members = []
-        for j in range(top):
-            sim = load_subspace(root / f"spro{j}" / f"vertex{plan.espro_vertices - 1}")
-            gen = torch.Generator().manual_seed(args.seed + OFFSETS["espro"] + j)
-            members += [sim.export(p, bn_loader=bn_loader, bn_batches=bn_batches) for p in subspace_points(sim, "random", args.samples, gen)]
-        res = evaluate(Ensemble(members), eval_loader, num_classes=C, per_member=True)
-        for k in plan.budgets:
-            put("ESPRO", k, res["by_size"][k * args.samples - 1], k * args.samples)
-        log(f"{root}: ESPRO evaluated ({top} simplexes x {args.samples} samples)")
-    costs = {}
-    for member in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "logs"):
-        costs[member.name] = round(train_seconds(member), 1)
-    return {"rows": rows, "train_seconds": costs}
+        losses = [per_example_losses(rep.probs["test"][key], labels) for rep in replicates]
+        out[cell_name(*key)] = {m: bootstrap.interval(np.stack([x[m].numpy() for x in losses])) for m in ("error", "nll")}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -191,7 +130,7 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
         world = accelerator.num_processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         jobs = args.jobs or default_jobs(args.threads, local)
-        torch.set_num_threads(args.threads * jobs)   # this process evaluates on the cores its members trained on
+        torch.set_num_threads(args.threads)   # in one process the members train and predict here, at a member's threads
         data, _, spec = build_data_and_model(args)
         logger.info(describe_input(spec))
         plan = make_plan(args, len(data.train))
@@ -220,21 +159,19 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
             return {"finished": False}
         if not accelerator.is_main_process:   # the main process evaluates; the others are done
             return {"finished": True}
+        labels = split_labels(data)
         per_seed: list[dict[str, Any]] = []
+        replicates: list[Rows] = []
         for runner in runners:
-            cache = runner.root / "evaluation.json"
-            key = _fingerprint(runner.root, protocol_of(args))
-            cached = json.loads(cache.read_text()) if cache.exists() else None
-            if cached and cached.get("fingerprint") == key:
-                log(f"{runner.root}: evaluation reused from {cache}")
-                rep = cached["evaluation"]
-            else:
-                rep = evaluate_replicate(args, plan, data, runner.root)
-                write_json({"fingerprint": key, "evaluation": rep}, cache)
+            rep, rows = evaluate_replicate(plan, args, runner.root, labels)
+            save_replicate_predictions(rows, labels, runner.root / PREDICTIONS)
+            write_json({"evaluation": rep}, runner.root / "evaluation.json")
             per_seed.append(rep)
-        table = aggregate(per_seed, plan.budgets)
-        claims = check_claims([rep["rows"] for rep in per_seed], plan.budgets)
-        claim_lines = render_claims(claims)
+            replicates.append(rows)
+        bootstrap = Bootstrap(len(runners), len(labels["test"]), resamples=BOOTSTRAP_RESAMPLES, seed=args.seed)
+        table = aggregate(per_seed, plan.budgets, cell_intervals(replicates, labels["test"], bootstrap))
+        claims = check_claims([rows.probs["test"] for rows in replicates], labels["test"], plan.budgets, bootstrap, per_example_losses)
+        claim_lines = render_claims(claims, len(runners))
         wall = time.perf_counter() - t_start
         title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"
         train_total = sum(sum(rep["train_seconds"].values()) for rep in per_seed)
@@ -242,9 +179,10 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
                   f"training time of all members (summed epochs, incl. earlier jobs): {train_total:.0f} s.",
                   "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
                                                             for r, rep in enumerate(per_seed))]
-        (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines))
+        budget_figure(table, plan.budgets, out / FIGURE, title)
+        (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines, FIGURE))
         (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
-        write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "accounting": lines,
+        write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "data": data_record(data), "accounting": lines,
                     "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "wall_seconds": wall,
                     "processes": world, "jobs": jobs, "threads": args.threads}, out / "results.json")
         console = Console()
@@ -253,5 +191,5 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
         console.print(rich_table(title, table, plan.budgets, len(seeds)))
         for ln in claim_lines:
             console.print(ln.replace("**", ""), markup=False)
-        log(f"wrote {out / 'results.md'}, results.json, results.csv; wall time {wall:.0f} s")
+        log(f"wrote {out / 'results.md'}, results.json, results.csv, {FIGURE}, seedR/{PREDICTIONS}; wall time {wall:.0f} s")
         return {"finished": True, "table": table, "claims": claims}

@@ -24,9 +24,10 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from .checkpoint import has_checkpoint, latest_checkpoint, read_progress, remove_checkpoints, save_optimizer_state
+from .compare_eval import PREDICTIONS, evaluate_member
 from .compare_plan import OFFSETS, Plan
 from .data import DataBundle
-from .errors import ConfigError, MemberFailed, NonFiniteLossError, Preempted
+from .errors import PREEMPTED_STATUS, ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .io import load_model, save_model, write_json
 from .snapshots import is_finished, train_snapshots
 from .spro import grow_simplex
@@ -143,12 +144,15 @@ class Runner:
         """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
         p, folder = self.plan, self.root / f"spro{j}"
         base = self.root / f"ind{j}" / "model.safetensors"
-        margs = self.args.member(str(folder), SPROConfig, seed=self.seed + OFFSETS["espro"], epochs=p.spro_epochs, checkpoints=[str(base)],
+        seed = self.seed + OFFSETS["espro"]
+        margs = self.args.member(str(folder), SPROConfig, seed=seed, epochs=p.spro_epochs, checkpoints=[str(base)],
                                  vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0,
                                  volume_lambda=self.args.spro_volume_lambda, samples_per_step=p.spro_samples_per_step)
         folder.mkdir(parents=True, exist_ok=True)
         log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
-        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j)
+        set_seed(seed + j)
+        # the replicate's images, as every other member: SPRO's own data would be drawn with its seed
+        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j, data=self.data)
 
     def tasks(self, replicate: int) -> list[Task]:
         """The members of this replicate in the order they start, each after the members it starts from."""
@@ -175,6 +179,10 @@ class Runner:
         return self.root / "logs" / f"{name}.log"
 
     def is_done(self, name: str) -> bool:
+        """Whether member ``name`` is trained and its networks' predictions are saved."""
+        return self.is_trained(name) and (self.root / name / PREDICTIONS).exists()
+
+    def is_trained(self, name: str) -> bool:
         folder = self.root / name
         if name in ("fge", "sse"):
             return is_finished(folder)
@@ -187,6 +195,17 @@ class Runner:
         return done
 
     def run_task(self, name: str) -> None:
+        """Train member ``name`` of this replicate (resuming its own checkpoint if it has one),
+        then save the predictions of its networks (:func:`subspaces.compare_eval.evaluate_member`)."""
+        if not self.is_trained(name):
+            self.train(name)
+        a = self.args
+        t0 = time.perf_counter()
+        evaluate_member(name, self.root / name, self.plan, self.data, samples=a.samples, seed=self.seed, batch_size=a.batch_size,
+                        eval_batch_size=a.eval_batch_size, bn_batches=a.bn_batches)
+        log(f"{self.root / name}: evaluated in {time.perf_counter() - t0:.0f} s")
+
+    def train(self, name: str) -> None:
         """Train member ``name`` of this replicate (resuming its own checkpoint if it has one)."""
         p, a = self.plan, self.args
         if name.startswith("ind"):
@@ -223,12 +242,21 @@ def default_jobs(threads: int, local_processes: int) -> int:
 
 
 def _failure(name: str, rc: int, log_path: Path) -> Exception:
+    """The error of a member's worker that exited with ``rc``: its own kind for the recipes'
+    statuses (2 bad input, 3 a non-finite loss, 75 stopped), :class:`MemberFailed` for a crash
+    or a kill; the message names the member, its last error line and its log."""
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()] if log_path.exists() else []
-    last = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "no output")
-    msg = f"compare member {name} failed with exit status {rc}: {last.removeprefix('error: ')} (its log: {log_path})"
+    last = next((ln for ln in reversed(lines) if ln.startswith(("error:", "stopped:"))), lines[-1] if lines else "no output")
+    how = f"was killed by signal {-rc}" if rc < 0 else f"failed with exit status {rc}"
+    msg = (f"compare member {name} {how}: {last.removeprefix('error: ').removeprefix('stopped: ')} (its log: {log_path}); "
+           "run the same command again to resume it")
+    if rc == 2:
+        return ConfigError(msg)
     if rc == 3:
         return NonFiniteLossError(msg)
-    return OSError(msg) if rc == 1 else MemberFailed(msg)
+    if rc == PREEMPTED_STATUS:
+        return Preempted(msg)
+    return MemberFailed(msg)
 
 
 def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, in_process: bool,

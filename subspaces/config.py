@@ -39,6 +39,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, default=None, help="use only N training examples (quick runs)")
     g.add_argument("--eval-subset", type=int, default=None, help="use only N evaluation examples")
     g.add_argument("--holdout", type=int, default=0, help="hold N training examples out; BatchNorm is then recomputed on them")
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the --train-subset / --eval-subset / --holdout draws (default: --seed)")
     g.add_argument("-j", "--workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--bn-batches", type=int, default=20, help="batches used to recompute BatchNorm at each evaluated point")
     add_augment_args(p)

@@ -439,6 +439,31 @@ def build_datasets(
     raise ValueError(f"unknown dataset {name!r}; valid names: {valid}, or 'imagefolder:PATH'")
 
 
+def split_digest(dataset: Dataset) -> str:
+    """A short SHA-256 of which examples a split holds: its indices into the source dataset
+    (a ``Subset``'s ``indices``, else ``range(len(dataset))``) and the source's length. Two runs
+    with equal digests trained (or were evaluated) on the same examples of the same dataset."""
+    import hashlib
+
+    if isinstance(dataset, Subset):
+        indices, source = [int(i) for i in dataset.indices], len(dataset.dataset)  # type: ignore[arg-type]
+    else:
+        indices, source = list(range(len(dataset))), len(dataset)  # type: ignore[arg-type]
+    h = hashlib.sha256(f"{source}:".encode())
+    h.update(torch.tensor(indices, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_record(bundle: DataBundle) -> dict[str, Any]:
+    """Digests and sizes of a bundle's splits (:func:`split_digest`): ``train``, ``holdout``
+    (the validation split, when there is one) and ``eval`` (the test split)."""
+    record: dict[str, Any] = {"train_digest": split_digest(bundle.train), "train_size": len(bundle.train),  # type: ignore[arg-type]
+                              "eval_digest": split_digest(bundle.eval), "eval_size": len(bundle.eval)}  # type: ignore[arg-type]
+    if bundle.holdout is not None:
+        record.update(holdout_digest=split_digest(bundle.holdout), holdout_size=len(bundle.holdout))  # type: ignore[arg-type]
+    return record
+
+
 # --------------------------------------------------------------------------- #
 # Loaders
 # --------------------------------------------------------------------------- #

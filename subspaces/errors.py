@@ -2,10 +2,15 @@
 
 The recipes turn them into one line on stderr and an exit status (:func:`subspaces.cli.run`):
 2 for :class:`ConfigError`, :class:`CheckpointError` and :class:`DatasetNotFoundError`,
-3 for :class:`NonFiniteLossError`, 75 (EX_TEMPFAIL: try again) for :class:`Preempted`.
+3 for :class:`NonFiniteLossError`, 75 (EX_TEMPFAIL: try again) for :class:`Preempted`, 1 for
+:class:`MemberFailed` (a crash, not bad input).
 """
 
 from __future__ import annotations
+
+
+#: exit status of a run stopped by SIGTERM / SIGINT with a checkpoint to resume from (EX_TEMPFAIL)
+PREEMPTED_STATUS = 75
 
 
 class ConfigError(ValueError):
@@ -29,5 +34,6 @@ class Preempted(RuntimeError):
     that ``--resume`` continues exactly; the message names the step and the folder."""
 
 
-class MemberFailed(ConfigError):
-    """A comparison member's worker process failed; the message names the member, its exit status and its log."""
+class MemberFailed(RuntimeError):
+    """A comparison member's worker process crashed or was killed (not bad input); the message
+    names the member, its exit status and its log. The recipes exit with status 1."""

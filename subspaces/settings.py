@@ -123,13 +123,16 @@ class ModelConfig(Settings):
 class DataConfig(Settings):
     """What the run trains and evaluates on (see :func:`subspaces.data.build_datasets`), and the
     batches that recompute BatchNorm at each evaluated point. ``dataset`` None: the dataset a
-    trained network was made for (recipes that start from trained networks)."""
+    trained network was made for (recipes that start from trained networks). The subsets and the
+    held-out split are drawn with ``data_seed`` (None: the run's ``seed``), so runs that differ
+    only in ``seed`` can share their images."""
 
     dataset: str | None = "fashion-mnist"
     data_dir: str | None = None
     train_subset: int | None = None
     eval_subset: int | None = None
     holdout: int = 0
+    data_seed: int | None = None
     workers: int = 0
     bn_batches: int = 20
     # training images' augmentation (subspaces.augment.Augmentation); None: the dataset's default
@@ -144,6 +147,7 @@ class DataConfig(Settings):
         super().validate()
         _at_least(self, 1, "train_subset", "eval_subset", "bn_batches")
         _at_least(self, 0, "holdout", "workers")
+        _at_least(self, 0, "data_seed")
         check_dataset_name(self.dataset)
         for_dataset(augmentation_from(self), self.dataset)
 
@@ -444,7 +448,8 @@ class SSEConfig(SnapshotConfig, TrainConfig, ModelConfig, DataConfig, RunConfig)
 class CompareConfig(TrainConfig, ModelConfig, DataConfig, RunConfig):
     """``recipes/compare.py``: the equal-budget comparison (docs/science.md §7). B = ``epochs``;
     the protocol's own numbers are derived by :func:`subspaces.compare_plan.make_plan`.
-    ``train_subset`` / ``eval_subset`` 0 mean the whole split."""
+    ``train_subset`` / ``eval_subset`` 0 mean the whole split; ``holdout`` is the validation split
+    (never trained on), on which every row is evaluated beside the test split."""
 
     seeds: int = 1
     budgets: str = "1,2,3"
@@ -474,6 +479,7 @@ class CompareConfig(TrainConfig, ModelConfig, DataConfig, RunConfig):
     model: str = "test_resnet"
     train_subset: int | None = 10000
     eval_subset: int | None = 10000
+    holdout: int = 5000
     batch_size: int = 64
     bn_batches: int = 10
     epochs: int = 20
@@ -502,8 +508,10 @@ class CompareConfig(TrainConfig, ModelConfig, DataConfig, RunConfig):
         point per batch, evaluated once after its last epoch, with ``changes`` (seed, epochs, shape...)."""
         cls = settings or TrainRunConfig
         base = {name: getattr(self, name) for name in self.field_names() & cls.field_names()}
+        # every member draws its images with the compare's data seed: members differ only in their own seed
         base.update(output=output, resume=None, config=None, eval_every=10**9, beta=0.0, beta_params="weights",
-                    volume_lambda=0.0, volume_form="benton", samples_per_step=1)
+                    volume_lambda=0.0, volume_form="benton", samples_per_step=1,
+                    data_seed=self.data_seed if self.data_seed is not None else self.seed)
         base.update(changes)
         return cls(**base)
 

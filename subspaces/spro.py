@@ -16,7 +16,7 @@ from rich.console import Console
 from accelerate.logging import get_logger
 
 from .errors import ConfigError
-from .data import make_loader
+from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
@@ -29,11 +29,13 @@ from .training import Trainer, bn_loader, build_data_for_spec, finish_run, resul
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
-def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int) -> Simplex:
-    """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``."""
+def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int, data: DataBundle | None = None) -> Simplex:
+    """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``.
+    ``data``: the images to train on (default: the base network's dataset drawn as ``args`` say)."""
     base = load_model(base_path)
     spec = dict(base.spec)
-    data = build_data_for_spec(args, spec, base)
+    if data is None:
+        data = build_data_for_spec(args, spec, base)
     sub: Simplex | None = None
     for v in range(1, args.vertices):
         stage = out / f"vertex{v}"

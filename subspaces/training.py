@@ -49,7 +49,7 @@ from accelerate.logging import get_logger
 from .augment import augmentation_from, batch_mixer, mix_batch
 from .bn import update_bn
 from .checkpoint import TrainingProgress, latest_checkpoint, load_checkpoint, prepare_saves, save_checkpoint, use_run_folder
-from .data import DataBundle, build_datasets, infer_input_spec, make_loader
+from .data import DataBundle, build_datasets, data_record, infer_input_spec, make_loader
 from .ensembles import evaluate
 from .errors import ConfigError, NonFiniteLossError, Preempted
 from .preemption import StopSignals
@@ -57,9 +57,12 @@ from .run_folder import make_accelerator, prepare_run
 from .io import SHAPES, save_export, save_subspace, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
 from .subspace import Subspace, layout_for
-from .settings import POINT_SEED_STRIDE, DataRun, ModelConfig, ModelRun, TrainConfig, TrainRunConfig
+from .settings import POINT_SEED_STRIDE, DataConfig, DataRun, ModelConfig, ModelRun, TrainConfig, TrainRunConfig
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
+
+#: a run folder's record of its data splits (:func:`subspaces.data.data_record`)
+DATA_RECORD = "data.json"
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -77,13 +80,18 @@ def create_timm_model(args: ModelConfig, num_classes: int, in_chans: int) -> tup
     return model, kwargs
 
 
+def data_seed(args: DataConfig) -> int:
+    """The seed of the subset / held-out draws: ``data_seed``, else the run's ``seed``."""
+    return int(args.data_seed if args.data_seed is not None else args.seed)  # type: ignore[attr-defined]
+
+
 def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[str, Any]]:
     """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it.
 
     Normalisation: the dataset's mean / std, or with ``pretrained`` the model's pretrained_cfg
     ones (timm's ``resolve_data_config``), which its weights were trained with."""
     common = dict(root=args.data_dir, img_size=args.img_size, train_subset=args.train_subset,
-                  eval_subset=args.eval_subset, holdout=args.holdout, seed=args.seed, augment=augmentation_from(args))
+                  eval_subset=args.eval_subset, holdout=args.holdout, seed=data_seed(args), augment=augmentation_from(args))
     data = build_datasets(args.dataset, in_chans=args.in_chans, **common)
     num_classes = args.num_classes or data.num_classes
     if num_classes < data.num_classes:
@@ -138,7 +146,7 @@ def build_data_for_spec(args: DataRun, spec: dict[str, Any], model: nn.Module) -
     same = args.dataset == spec.get("dataset", args.dataset)
     return build_datasets(args.dataset, root=args.data_dir, img_size=spec.get("img_size"), in_chans=spec["in_chans"],
                           train_subset=args.train_subset, eval_subset=args.eval_subset, holdout=args.holdout,
-                          seed=args.seed, model=model, augment=augmentation_from(args),
+                          seed=data_seed(args), model=model, augment=augmentation_from(args),
                           mean=spec.get("mean") if same else None, std=spec.get("std") if same else None)
 
 
@@ -417,6 +425,8 @@ class Trainer:
         elif accelerator.is_main_process and metrics_path.exists():
             metrics_path.unlink()
         prepare_saves(accelerator, out, ckpt)
+        if accelerator.is_main_process:   # which examples this run trains on: runs that share data can be checked to
+            write_json(data_record(self.data), out / DATA_RECORD)
         stop = a.epochs if train_epochs is None else min(a.epochs, start + train_epochs)
         if accelerator.log_with:
             accelerator.init_trackers(out.name or "run", config={k: v for k, v in a.to_dict().items() if isinstance(v, (bool, int, float, str))})
