@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import checkpoint_progress
 from subspaces.settings import CompareConfig
@@ -248,3 +250,58 @@ def test_sigterm_stops_the_members_with_checkpoints_and_the_same_command_continu
     for name in ("ind0", "ind1", "ind2", "line1B"):
         progress = lambda root: checkpoint_progress(root / "seed0" / name)  # noqa: E731
         assert progress(out)["updates"] == progress(compare_runs["out"])["updates"], name
+
+
+def test_same_command_same_cells_under_jobs_1_and_2_with_a_killed_member_resumed(tmp_path):
+    """A tiny 2-seed compare run in one process (--jobs 1) and in two worker processes (--jobs 2),
+    the latter with one member killed by SIGKILL and the same command run again, writes an
+    identical results.csv (every row, ESPRO included); every member, SPRO stages included,
+    trained on the replicate's training images (equal digests), and every compare writes the
+    predictions, the validation rows and the figure."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import recipe_env
+    from safetensors.torch import load_file
+
+    flags = ["--train-subset", "64", "--eval-subset", "64", "--holdout", "32", "-b", "16", "--epochs", "2", "--bn-batches", "1",
+             "--samples", "2", "--log-interval", "1000", "--eval-batch-size", "64", "--seeds", "2", "--threads", "1",
+             "--budgets", "1,2", "--methods", "ind,sse,fge,swa,line,simplex,espro"]
+    one, two = tmp_path / "jobs1", tmp_path / "jobs2"
+    assert _recipe("compare").main([*flags, "--jobs", "1", "--output", str(one)]) == 0
+    cmd = [sys.executable, "recipes/compare.py", *flags, "--jobs", "2", "--output", str(two)]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=recipe_env(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        victim, deadline = None, time.monotonic() + 300
+        while victim is None and proc.poll() is None and time.monotonic() < deadline:
+            found = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "subspaces.compare_worker"], capture_output=True, text=True)
+            victim = int(found.stdout.split()[0]) if found.stdout.split() else None
+            time.sleep(0.2)
+        assert victim is not None, log.read_text()[-3000:]
+        time.sleep(3)   # importing or training by now
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert rc == 1, log.read_text()[-3000:]   # a crash, not bad input (2)
+    assert len(lines) == 1 and "was killed by signal 9" in lines[0] and "its log:" in lines[0], lines
+    again = subprocess.run(cmd, cwd=REPO, env=recipe_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (one / "results.csv").read_text() == (two / "results.csv").read_text()
+    results = json.loads((one / "results.json").read_text())
+    digest = results["data"]["train_digest"]
+    records = sorted((one / "seed0").glob("*/data.json")) + sorted((one / "seed1").glob("*/data.json"))
+    records += sorted((one / "seed0").glob("spro*/vertex*/data.json"))
+    assert len(records) >= 2 * 10
+    assert {json.loads(p.read_text())["train_digest"] for p in records} == {digest}
+    assert {json.loads(p.read_text())["holdout_digest"] for p in records} == {results["data"]["holdout_digest"]}
+    for out in (one, two):
+        assert (out / "results.png").stat().st_size > 10_000
+        preds = load_file(str(out / "seed1" / "predictions.safetensors"))
+        assert preds["test/labels"].shape == (64,) and preds["val/labels"].shape == (32,)
+        assert preds["test/ESPRO@2B"].shape == (64, 10) and preds["test/ESPRO@2B"].dtype == torch.float16
+        assert preds["test/Single network@1B"].shape == (2, 64, 10)
+        table = json.loads((out / "results.json").read_text())["table"]
+        assert {"val_error", "error_lo", "error_hi", "nll_lo", "nll_hi"} <= set(table["ESPRO"]["1B"])
