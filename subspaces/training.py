@@ -272,7 +272,9 @@ class Trainer:
     one; from Python see :meth:`create`).
 
     ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
-    stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
+    stepped after every update; like timm's, it applies layer decay (group g trains at the
+    schedule's lr times the group's ``lr_scale``, the optimizer's lrs are left unscaled), as every
+    schedule of :mod:`subspaces.schedules` does; ``on_update(trainer, update)`` runs after every optimiser update
     (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
     budget cut: the run stops as if killed after a finished epoch, resumable).
 
@@ -337,8 +339,9 @@ class Trainer:
         sub = self.unwrapped
         if isinstance(sub, Subspace) and a.volume_lambda and a.volume_form == "benton":
             self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
-        if self.make_scheduler is not None or a.sched == "none":
-            # timm's schedulers apply layer decay's per-group lr_scale; a torch scheduler or none would not
+        if self.make_scheduler is None and a.sched == "none":
+            # every scheduler applies layer decay's lr_scale at each step (timm's convention, and
+            # subspaces.schedules'); with none, the constant lr of group g is lr * lr_scale_g
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.make_scheduler is not None:
