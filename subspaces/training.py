@@ -1,7 +1,8 @@
 """The training loop shared by every recipe, on accelerate.
 
 One loop (:class:`Trainer`) trains a plain timm model or a subspace: per step the subspace draws
-its point (``samples_per_step`` points, one backward each, for [B]'s multi-sample estimate), the
+its point (``samples_per_step`` points, one backward each, for [B]'s multi-sample estimate; under DDP
+the points' gradients are summed locally and all-reduced once per update), the
 loss adds the chosen regulariser (``beta * cos^2`` between anchors' layer weights [W], [B]'s
 normalised ``- lambda / log(Vol0^2 + eps) * log(Vol^2 + eps)`` or ``- lambda * log Vol`` for
 simplexes), then the optimiser (timm's
@@ -488,14 +489,20 @@ class Trainer:
         pending = _PendingLosses(device, first + 1)
         accumulating, no_accumulation = a.grad_accum_steps > 1, contextlib.nullcontext()
         single = accelerator.num_processes == 1
+        # [B]'s first S-1 points add their gradients locally (DDP decides in the forward, so the
+        # forward goes inside too); the last point's backward all-reduces the sum, once per update:
+        # sum_s mean_r g_rs = mean_r sum_s g_rs. Accumulation's no_sync wraps micro-batches that don't sync.
+        local_points = contextlib.nullcontext if single else (lambda: accelerator.no_sync(self.model))
         bar = _Progress(accelerator, total, epoch, a.epochs, interval, start=first)
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
                 x, target = self._mix(x, y)   # train accuracy below stays against the original labels y
                 with accelerator.accumulate(self.model) if accumulating else no_accumulation:
-                    for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
-                        accelerator.backward(self._loss(self.model(x), target) / samples)
+                    if samples > 1:
+                        with local_points():
+                            for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
+                                accelerator.backward(self._loss(self.model(x), target) / samples)
                     logits = self.model(x)
                     data_loss = self._loss(logits, target)
                     loss = data_loss / samples if samples > 1 else data_loss
