@@ -7,12 +7,16 @@ Conventions (shared by FGE and SSE):
   after k calls to ``step()`` it holds the LR of iteration k + 1 (``scheduler.iteration``).
 - Take the snapshot after the optimizer step of iteration i when ``*_is_snapshot(i, cycle)``,
   i.e. read ``i = scheduler.iteration`` *before* calling ``scheduler.step()``.
-- Every parameter group gets the same LR.
+- Layer decay (timm's convention, ``timm.scheduler.Scheduler.update_groups``): a group with an
+  ``lr_scale`` (``create_optimizer_v2(..., layer_decay=d)`` gives layer l the scale
+  d^(L - 1 - l)) trains at the schedule's value times its scale, lr_g(i) = lr(i) * lr_scale_g,
+  at every iteration; a group without one at lr(i). The optimizer's own lr is not pre-scaled.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -82,11 +86,16 @@ def sse_is_snapshot(i: int, cycle: int) -> bool:
     return i % cycle == 0
 
 
+def group_lr_scale(group: dict) -> float:
+    """Layer decay's multiplier of a parameter group: its ``lr_scale``, 1 when it has none (timm's convention)."""
+    return float(group.get("lr_scale", 1.0))
+
+
 def _set_initial_lr(optimizer: Optimizer, lr: float) -> None:
-    """Make ``lr`` the base LR of every group (LRScheduler reads 'initial_lr' from groups)."""
+    """Make ``lr * lr_scale_g`` the base LR of group g (LRScheduler reads 'initial_lr' from groups)."""
     for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-        group["lr"] = lr
+        group["initial_lr"] = lr * group_lr_scale(group)
+        group["lr"] = group["initial_lr"]
 
 
 class _IterationMixin:
@@ -99,7 +108,8 @@ class _IterationMixin:
 
 
 class FGESchedule(_IterationMixin, LRScheduler):
-    """Torch LR scheduler for FGE, stepped every iteration: lr(i) = fge_lr(i, cycle, lr_max, lr_min).
+    """Torch LR scheduler for FGE, stepped every iteration: group g's lr at iteration i is
+    fge_lr(i, cycle, lr_max, lr_min) * lr_scale_g (layer decay's scale, 1 without one).
 
     State (``state_dict``) is the iteration counter plus the settings, so a resumed run
     continues mid-cycle exactly; after ``load_state_dict`` the optimizer's groups are set to
@@ -124,7 +134,7 @@ class FGESchedule(_IterationMixin, LRScheduler):
 
     def _lr(self) -> list[float]:
         lr = fge_lr(self.last_epoch + 1, self.cycle, self.lr_max, self.lr_min)
-        return [lr for _ in self.optimizer.param_groups]
+        return [lr * group_lr_scale(group) for group in self.optimizer.param_groups]
 
     def get_lr(self) -> list[float]:
         """LR of every group at the current iteration (closed form)."""
@@ -146,10 +156,11 @@ class FGESchedule(_IterationMixin, LRScheduler):
 
 
 class SSESchedule(_IterationMixin, CosineAnnealingWarmRestarts):
-    """Torch LR scheduler for snapshot ensembles, stepped every iteration:
-    lr(i) = sse_lr(i, cycle, lr_max). Reuses torch's CosineAnnealingWarmRestarts
-    (T_0 = cycle, T_mult = 1, eta_min = 0), whose per-step value equals sse_lr exactly
-    (see tests); this subclass only pins the base LR to ``lr_max`` for every group.
+    """Torch LR scheduler for snapshot ensembles, stepped every iteration: group g's lr at
+    iteration i is sse_lr(i, cycle, lr_max) * lr_scale_g. Reuses torch's
+    CosineAnnealingWarmRestarts (T_0 = cycle, T_mult = 1, eta_min = 0), whose per-step value
+    base_g * (1 + cos(pi * mod(i-1, c) / c)) / 2 equals that exactly with base_g = lr_max * lr_scale_g
+    (see tests); this subclass only pins each group's base LR to ``lr_max * lr_scale_g``.
     """
 
     def __init__(self, optimizer: Optimizer, cycle: int, lr_max: float, last_epoch: int = -1) -> None:
@@ -167,9 +178,11 @@ class SSESchedule(_IterationMixin, CosineAnnealingWarmRestarts):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the counter and settings, and put the restored LR into the optimizer."""
         super().load_state_dict(state_dict)
+        # the bases follow from the settings and this optimizer's groups, not the saved list
+        self.base_lrs = [self.lr_max * group_lr_scale(group) for group in self.optimizer.param_groups]
         lr = sse_lr(self.iteration, self.cycle, self.lr_max)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group_lr_scale(group)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
@@ -186,14 +199,24 @@ def garipov_lr_factor(progress: float) -> float:
 def garipov_schedule(optimizer: torch.optim.Optimizer, total_updates: int, updates_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR stepped once per update with :func:`garipov_lr_factor` (docs/science.md §2).
 
-    The factor of update u is f(u / total_updates); with ``updates_per_epoch`` it is
-    f(floor(u / updates_per_epoch) / epochs), constant within an epoch as in [G]'s code.
+    Group g's lr at update u is base_g * f_u * lr_scale_g: base_g its lr when the schedule is
+    built (unscaled, as ``create_optimizer_v2`` leaves it), lr_scale_g layer decay's scale read
+    at every step (1 without one). The factor is f_u = f(u / total_updates); with
+    ``updates_per_epoch`` it is f(floor(u / updates_per_epoch) / epochs), constant within an
+    epoch as in [G]'s code.
     """
     if total_updates < 1:
         raise ValueError(f"total_updates must be >= 1, got {total_updates}")
-    if updates_per_epoch is None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor(u / total_updates))
-    if updates_per_epoch < 1:
+    if updates_per_epoch is not None and updates_per_epoch < 1:
         raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
-    epochs = total_updates / updates_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: garipov_lr_factor((u // updates_per_epoch) / epochs))
+
+    def factor(u: int) -> float:
+        if updates_per_epoch is None:
+            return garipov_lr_factor(u / total_updates)
+        return garipov_lr_factor((u // updates_per_epoch) / (total_updates / updates_per_epoch))
+
+    def scaled(index: int) -> Callable[[int], float]:
+        # by index, not the group dict: optimizer.load_state_dict (a resume) replaces the dicts
+        return lambda u: factor(u) * group_lr_scale(optimizer.param_groups[index])
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [scaled(i) for i in range(len(optimizer.param_groups))])

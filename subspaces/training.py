@@ -1,7 +1,8 @@
 """The training loop shared by every recipe, on accelerate.
 
 One loop (:class:`Trainer`) trains a plain timm model or a subspace: per step the subspace draws
-its point (``samples_per_step`` points, one backward each, for [B]'s multi-sample estimate), the
+its point (``samples_per_step`` points, one backward each, for [B]'s multi-sample estimate; under DDP
+the points' gradients are summed locally and all-reduced once per update), the
 loss adds the chosen regulariser (``beta * cos^2`` between anchors' layer weights [W], [B]'s
 normalised ``- lambda / log(Vol0^2 + eps) * log(Vol^2 + eps)`` or ``- lambda * log Vol`` for
 simplexes), then the optimiser (timm's
@@ -280,7 +281,9 @@ class Trainer:
     one; from Python see :meth:`create`).
 
     ``make_scheduler(optimizer, updates_per_epoch)`` replaces timm's scheduler with a torch one
-    stepped after every update; ``on_update(trainer, update)`` runs after every optimiser update
+    stepped after every update; like timm's, it applies layer decay (group g trains at the
+    schedule's lr times the group's ``lr_scale``, the optimizer's lrs are left unscaled), as every
+    schedule of :mod:`subspaces.schedules` does; ``on_update(trainer, update)`` runs after every optimiser update
     (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
     budget cut: the run stops as if killed after a finished epoch, resumable).
 
@@ -345,8 +348,9 @@ class Trainer:
         sub = self.unwrapped
         if isinstance(sub, Subspace) and a.volume_lambda and a.volume_form == "benton":
             self.volume_reference = reference_log_volume(sub, seed=a.seed)   # a host number, drawn once before the loop
-        if self.make_scheduler is not None or a.sched == "none":
-            # timm's schedulers apply layer decay's per-group lr_scale; a torch scheduler or none would not
+        if self.make_scheduler is None and a.sched == "none":
+            # every scheduler applies layer decay's lr_scale at each step (timm's convention, and
+            # subspaces.schedules'); with none, the constant lr of group g is lr * lr_scale_g
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.make_scheduler is not None:
@@ -495,14 +499,20 @@ class Trainer:
         pending = _PendingLosses(device, first + 1)
         accumulating, no_accumulation = a.grad_accum_steps > 1, contextlib.nullcontext()
         single = accelerator.num_processes == 1
+        # [B]'s first S-1 points add their gradients locally (DDP decides in the forward, so the
+        # forward goes inside too); the last point's backward all-reduces the sum, once per update:
+        # sum_s mean_r g_rs = mean_r sum_s g_rs. Accumulation's no_sync wraps micro-batches that don't sync.
+        local_points = contextlib.nullcontext if single else (lambda: accelerator.no_sync(self.model))
         bar = _Progress(accelerator, total, epoch, a.epochs, interval, start=first)
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
                 x, target = self._mix(x, y)   # train accuracy below stays against the original labels y
                 with accelerator.accumulate(self.model) if accumulating else no_accumulation:
-                    for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
-                        accelerator.backward(self._loss(self.model(x), target) / samples)
+                    if samples > 1:
+                        with local_points():
+                            for _ in range(samples - 1):   # [B]: E_p L(w(p)) from several points per batch, one backward each
+                                accelerator.backward(self._loss(self.model(x), target) / samples)
                     logits = self.model(x)
                     data_loss = self._loss(logits, target)
                     loss = data_loss / samples if samples > 1 else data_loss
