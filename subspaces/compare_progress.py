@@ -282,8 +282,9 @@ class CompareProgress:
         now = self.now()
         running = {k for k in running if k in self.members}
         changed = []
-        for key in running:
-            m = self.members[key]
+        for m in self.members.values():   # in the tasks' order, so that the lines are too
+            if m.key not in running:
+                continue
             if m.state != RUNNING:
                 m.state, m.started = RUNNING, now
                 m.progress = self._progress(m)
