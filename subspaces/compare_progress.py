@@ -20,15 +20,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Protocol
+from typing import Any, Callable, Hashable, Iterable, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:   # the stage lines of spro.py / complex.py need no plan
-    from .compare_plan import Plan
+from .compare_plan import Plan
 
 #: the Trainer's plain progress line (``training._Progress``): "epoch 2/3 step 40/235 loss 0.4123 acc ..."
 STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) loss ([-+0-9.eEinfa]+)")
