@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from .checkpoint import has_checkpoint, latest_checkpoint, read_progress, remove_checkpoints, save_optimizer_state
 from .compare_eval import PREDICTIONS, evaluate_member
 from .compare_plan import OFFSETS, Plan
+from .compare_progress import compare_progress
 from .data import DataBundle
 from .errors import PREEMPTED_STATUS, ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .io import load_model, save_model, write_json
@@ -272,6 +273,8 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
     """
     trained = 0
     done = lambda t: runners[t.replicate].is_done(t.name)  # noqa: E731
+    display = compare_progress(runners, tasks, jobs, claims=out / ".claims", live=not in_process)   # progress view
+    display.start()   # progress view
     if in_process:
         for t in tasks:
             if done(t):
@@ -280,9 +283,12 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
             if limit is not None and trained >= limit:
                 return False, trained
             t0 = time.perf_counter()
+            display.update(running=[t])   # progress view
             runners[t.replicate].run_task(t.name)
             trained += 1
+            display.update()   # progress view
             log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
+        display.stop()   # progress view
         return True, trained
     claims = out / ".claims"
     claims.mkdir(parents=True, exist_ok=True)
@@ -302,6 +308,7 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
                     raise _failure(f"seed{t.replicate}/{t.name}", rc, log_path)
                 log(f"{runners[t.replicate].root / t.name}: done in {time.perf_counter() - t0:.0f} s")
             pending = [t for t in tasks if t not in running and not done(t)]
+            display.update(running=running)   # progress view
             failed = [t for t in pending if (claims / f"{t.replicate}.{t.name}.failed").exists()]
             if failed:
                 t = failed[0]
@@ -336,6 +343,7 @@ def run_members(runners: list[Runner], tasks: list[Task], out: Path, jobs: int, 
         raise Preempted(f"compare interrupted after {trained} member run(s) started{stopped}; "
                         "run the same command again (or with --resume OUT) to continue") from None
     finally:
+        display.stop()   # progress view
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         for proc, fh, _, _ in running.values():   # an error or a signal here: stop the workers (they resume next time)

@@ -49,6 +49,7 @@ from .pointwise import evaluate_points
 from .shapes import check_same_architecture
 from .subspace import Point, Subspace, layout_for
 from .checkpoint import has_checkpoint
+from .compare_progress import StageProgress
 from .run_folder import make_accelerator, prepare_run, read_config, save_config
 from .settings import POINT_SEED_STRIDE, ComplexConfig
 from .training import Trainer, bn_loader, build_data_for_spec
@@ -331,11 +332,13 @@ def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data:
     """Grow the complex one shared vertex at a time; stage ``out/shared{v}`` is resumable and,
     once finished (``complex.safetensors`` written), reused as it is."""
     sub: SimplicialComplex | None = None
+    stages = StageProgress("complex", args.shared, enabled=accelerator.is_main_process)
     for v in range(args.shared):
         stage = out / f"shared{v}"
         if (stage / "complex.safetensors").exists():
             sub = load_complex(stage)
             logger.info(f"shared vertex {v} already trained, reused from {stage}")
+            stages.end(stage.name, reused=True)
             continue
         if sub is None:
             sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + POINT_SEED_STRIDE * accelerator.process_index,
@@ -350,11 +353,13 @@ def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data:
         # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
         # under its project folder and keeps the objects registered for checkpointing
         trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
+        stages.begin(stage.name)
         trainer.fit(resume=has_checkpoint(stage))
         sub = trainer.unwrapped  # type: ignore[assignment]
         if accelerator.is_main_process:
             save_complex(sub, stage / "complex", spec)
         accelerator.wait_for_everyone()
+        stages.end(stage.name)
     assert sub is not None
     return sub
 

@@ -22,6 +22,7 @@ from .io import load_model, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
 from .checkpoint import has_checkpoint
+from .compare_progress import StageProgress
 from .run_folder import make_accelerator, prepare_run, save_config
 from .settings import POINT_SEED_STRIDE, SPROConfig
 from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
@@ -37,11 +38,13 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
     if data is None:
         data = build_data_for_spec(args, spec, base)
     sub: Simplex | None = None
+    stages = StageProgress(f"simplex {index}", args.vertices - 1, enabled=accelerator.is_main_process)
     for v in range(1, args.vertices):
         stage = out / f"vertex{v}"
         if (stage / "subspace.safetensors").exists():
             sub = load_subspace(stage)  # type: ignore[assignment]
             logger.info(f"simplex {index}: vertex {v} already trained, reused from {stage}")
+            stages.end(stage.name, reused=True)
             continue
         if sub is None:
             seed = args.seed + 1000 * index + POINT_SEED_STRIDE * accelerator.process_index
@@ -55,8 +58,10 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
         # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
         # under its project folder and keeps the objects registered for checkpointing
         trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
+        stages.begin(stage.name)
         trainer.fit(resume=has_checkpoint(stage))
         finish_run(trainer, f"simplex {index}, {v + 1} vertices")
+        stages.end(stage.name)
         sub = trainer.unwrapped  # type: ignore[assignment]
     assert sub is not None
     return sub
