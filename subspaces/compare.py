@@ -171,6 +171,10 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
         bootstrap = Bootstrap(len(runners), len(labels["test"]), resamples=BOOTSTRAP_RESAMPLES, seed=args.seed)
         table = aggregate(per_seed, plan.budgets, cell_intervals(replicates, labels["test"], bootstrap))
         claims = check_claims([rows.probs["test"] for rows in replicates], labels["test"], plan.budgets, bootstrap, per_example_losses)
+        val_claims = []
+        if "val" in labels:   # the same claims on the validation split, where settings are chosen
+            val_boot = Bootstrap(len(runners), len(labels["val"]), resamples=BOOTSTRAP_RESAMPLES, seed=args.seed)
+            val_claims = check_claims([rows.probs["val"] for rows in replicates], labels["val"], plan.budgets, val_boot, per_example_losses)
         claim_lines = render_claims(claims, len(runners))
         wall = time.perf_counter() - t_start
         title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"
@@ -180,10 +184,12 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
                   "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
                                                             for r, rep in enumerate(per_seed))]
         budget_figure(table, plan.budgets, out / FIGURE, title)
-        (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, claim_lines, FIGURE))
+        md_claims = claim_lines + (["", "The same claims on the validation split:", ""] + render_claims(val_claims, len(runners))[:-1]
+                                   if val_claims else [])
+        (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, md_claims, FIGURE))
         (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
         write_json({"title": title, "protocol": protocol_of(args), "plan": asdict(plan), "seeds": seeds, "data": data_record(data), "accounting": lines,
-                    "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "wall_seconds": wall,
+                    "table": table, "per_seed": per_seed, "claims": [c.to_dict() for c in claims], "val_claims": [c.to_dict() for c in val_claims], "wall_seconds": wall,
                     "processes": world, "jobs": jobs, "threads": args.threads}, out / "results.json")
         console = Console()
         if not console.is_terminal:   # a log file: wide enough for the row names

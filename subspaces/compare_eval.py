@@ -259,3 +259,19 @@ def save_replicate_predictions(rows: Rows, labels: dict[str, Tensor], path: Path
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)
+
+
+def load_replicate_predictions(path: Path) -> tuple[dict[str, Tensor], dict[str, dict[tuple[str, int], Tensor]]]:
+    """Read a replicate's ``predictions.safetensors`` (:func:`save_replicate_predictions`):
+    ``({split: labels [N]}, {split: {(row, k): [M, N, C] float32}})``."""
+    labels: dict[str, Tensor] = {}
+    rows: dict[str, dict[tuple[str, int], Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        split, name = key.split("/", 1)
+        if name == "labels":
+            labels[split] = value
+            continue
+        row, budget = name.rsplit("@", 1)
+        p = value.float()
+        rows.setdefault(split, {})[(row, int(budget.removesuffix("B")))] = p if p.ndim == 3 else p[None]
+    return labels, rows

@@ -89,8 +89,10 @@ def test_compare_writes_all_three_result_files(compare_runs):
     assert "| Ind |" in md and "| FGE |" in md and "Budget accounting" in md
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["method"] for r in rows} >= {"Ind", "SSE", "FGE", "SWA", "Line midpoint", "ESPRO", "claim (b)", "claim (d)"}
-    assert {r["seed"] for r in rows} == {"42", "mean", "std"}
-    assert {r["held"] for r in rows if r["method"].startswith("claim")} <= {"0", "1"}
+    assert {r["seed"] for r in rows} == {"42", "mean", "std", "all"}
+    assert {r["verdict"] for r in rows if r["method"].startswith("claim")} <= {"held", "contradicted", "not resolved at this scale", "reported"}
+    assert all(float(r["error_lo"]) <= float(r["error_pct"]) <= float(r["error_hi"]) for r in rows if r["seed"] == "mean")
+    assert (out / "results.png").exists() and "results.png" in md and "Validation split" in md
 
 
 def test_every_row_is_evaluated_with_batchnorm_recomputed(compare_runs):
@@ -105,7 +107,7 @@ def test_every_row_is_evaluated_with_batchnorm_recomputed(compare_runs):
     model = load_model(out / "seed0" / "ind0" / "model.safetensors")
     proto = data["protocol"]
     bundle = build_datasets("fashion-mnist", in_chans=1, train_subset=proto["train_subset"], eval_subset=proto["eval_subset"],
-                            seed=proto["seed"], model=model)
+                            holdout=proto["holdout"], seed=proto["seed"], model=model)
     running = evaluate(model, make_loader(bundle.eval, 32, shuffle=False))
     update_bn(model, make_loader(bundle.bn, proto["batch_size"], shuffle=False), max_batches=proto["bn_batches"])
     recomputed = evaluate(model, make_loader(bundle.eval, 32, shuffle=False))

@@ -1,0 +1,64 @@
+"""The papers' claims recomputed from a finished comparison's saved predictions.
+
+    python analysis/claims.py runs/compare                 # the test split, as results.md
+    python analysis/claims.py runs/compare --split val     # the validation split
+    python analysis/claims.py runs/compare --json          # the parts and intervals as JSON
+
+Reads ``RUN/seedR/predictions.safetensors`` of every replicate (written by recipes/compare.py:
+per row and budget the probabilities of each test and validation example) and prints each claim
+with its paired differences, 95 % bootstrap intervals and verdict (:mod:`subspaces.claims`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from subspaces import cli
+from subspaces.claims import check_claims, render_claims
+from subspaces.compare_eval import PREDICTIONS, load_replicate_predictions, per_example_losses
+from subspaces.errors import ConfigError
+from subspaces.stats import Bootstrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="claims.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a compare output folder (holds seed0/predictions.safetensors, ...)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the split to check the claims on (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the claims as JSON instead of text")
+    return p
+
+
+def recompute(run: Path, split: str, resamples: int, seed: int) -> list:
+    """The claims of every replicate under ``run`` on ``split``."""
+    paths = sorted(run.glob(f"seed*/{PREDICTIONS}"), key=lambda p: int(p.parent.name.removeprefix("seed")))
+    if not paths:
+        raise ConfigError(f"{run} holds no seed*/{PREDICTIONS}: pass the output folder of a finished recipes/compare.py run")
+    loaded = [load_replicate_predictions(p) for p in paths]
+    if split not in loaded[0][0]:
+        raise ConfigError(f"{run} has no {split} split in its predictions (a compare run with --holdout 0 has no validation split)")
+    labels = loaded[0][0][split]
+    budgets = sorted({k for _, rows in loaded for (_, k) in rows[split]})
+    boot = Bootstrap(len(loaded), len(labels), resamples=resamples, seed=seed)
+    return check_claims([rows[split] for _, rows in loaded], labels, budgets, boot, per_example_losses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def job() -> None:
+        claims = recompute(Path(args.run), args.split, args.resamples, args.seed)
+        if args.json:
+            print(json.dumps([c.to_dict() for c in claims], indent=1))
+        else:
+            print("\n".join(render_claims(claims, len(list(Path(args.run).glob(f"seed*/{PREDICTIONS}"))))))
+
+    return cli.run(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
