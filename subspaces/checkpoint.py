@@ -387,7 +387,8 @@ def load_weights_only(path: Path) -> Any:
     checking a large optimiser state does not read it twice. CheckpointError naming ``path`` if
     it is anything else."""
     try:
-        return accelerate_load(path, map_location="cpu", mmap=True)
+        # weights_only explicitly: some accelerate versions defaulted to False for the RNG file
+        return accelerate_load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - whatever the unpickler refused, the file is named
         raise CheckpointError(f"cannot resume: {path} is not a file this project wrote ({_refusal(err)}); "
                               f"it was not loaded: delete {path.parent} to resume from the checkpoint before it") from None
