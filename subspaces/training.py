@@ -288,9 +288,9 @@ class Trainer:
     budget cut: the run stops as if killed after a finished epoch, resumable).
 
     Checkpoints are accelerate's (``output/checkpoints/checkpoint_<i>``, the newest
-    ``args.checkpoint_hist`` kept): the scheduler and :attr:`progress` are registered with
-    ``register_for_checkpointing``, so give each Trainer an accelerator of its own (accelerate
-    keeps registered objects for the accelerator's lifetime).
+    ``args.checkpoint_hist`` kept); the scheduler and :attr:`progress` are saved beside them as
+    JSON (not registered with accelerate, which would pickle them: a resume runs no code from the
+    folder).
     """
 
     args: TrainConfig
@@ -309,7 +309,7 @@ class Trainer:
     volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in _setup from the seed
     mixer: Any = None   # timm's Mixup (--mixup / --cutmix), built in _setup
     _soft_target_loss: nn.Module = field(default_factory=SoftTargetCrossEntropy, init=False, repr=False)
-    progress: TrainingProgress = field(default_factory=TrainingProgress)   # saved by accelerate (register_for_checkpointing)
+    progress: TrainingProgress = field(default_factory=TrainingProgress)   # saved as JSON in each checkpoint
     _net: nn.Module | None = field(default=None, init=False, repr=False)   # the prepared model unwrapped, once
 
     @classmethod
@@ -359,8 +359,6 @@ class Trainer:
             self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=a.sched, num_epochs=a.epochs, warmup_epochs=a.warmup_epochs,
                                                    min_lr=a.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
         use_run_folder(accelerator, self.output, a.checkpoint_hist)
-        # accelerate saves and loads these with the model: progress first (custom_checkpoint_0.pkl), then the scheduler
-        accelerator.register_for_checkpointing(self.progress, *([self.scheduler] if self.scheduler is not None else []))
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -419,7 +417,7 @@ class Trainer:
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
             net = self.unwrapped
-            load_checkpoint(accelerator, ckpt, net if isinstance(net, Subspace) else None)   # self.progress too
+            load_checkpoint(accelerator, ckpt, net if isinstance(net, Subspace) else None, self.progress, self.scheduler)
             start, self.updates, position = self.progress.epoch, self.progress.updates, self.progress.within_epoch
             where = f"epoch {start + 1}, step {position['step']}" if position else f"epoch {start}"
             logger.info(f"resumed from {ckpt} after {where}")
@@ -461,7 +459,7 @@ class Trainer:
         net = self.unwrapped
         rank_state = net.get_extra_state() if isinstance(net, Subspace) else None
         self.progress.load_state_dict(progress)
-        save_checkpoint(self.accelerator, self.progress, self.model, rank_state)
+        save_checkpoint(self.accelerator, self.progress, self.model, rank_state, self.scheduler)
 
     def _stop_agreed(self, signals: StopSignals) -> bool:
         """Whether any rank was asked to stop (one all-reduce under DDP, none on one process)."""

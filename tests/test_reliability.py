@@ -4,14 +4,14 @@ The crashes are made deterministic by a driver (``DRIVER`` below) that monkeypat
 process before running ``recipes/train.py`` through runpy:
 
 - ``kill_step N``: SIGKILL inside ``Trainer._loss`` at its N-th call (step 2 of epoch 2);
-- ``kill_save``: SIGKILL inside accelerate's ``save_state`` while it writes the registered objects
-  (model, optimiser and RNG states already written, no manifest yet): the newest
+- ``kill_save``: SIGKILL inside ``save_checkpoint`` while it writes the progress and scheduler JSON
+  (accelerate's model, optimiser and RNG states already written, no manifest yet): the newest
   ``checkpoints/checkpoint_<i>`` is cut and must be passed over for the one before;
 - ``nan N``: ``Trainer._loss`` returns NaN from its N-th call on.
 
 One run is killed mid-epoch, resumed and killed mid-save, resumed again, and must end with weights
 bit-identical to an uninterrupted run of the same seed (CPU). In-process, with a real accelerate
-Accelerator on a small network: the files of the registered objects, their exact restore, the
+Accelerator on a small network: the files of the training state, their exact restore, the
 number of folders kept, resume after resume, a kill inside ``save_state``, a full disk, NaN weights
 and damaged checkpoint files.
 """
@@ -25,7 +25,6 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import accelerate.accelerator
 import pytest
 import torch
 from accelerate import Accelerator
@@ -33,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from helpers import BATCH, STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
+import subspaces.checkpoint
 from subspaces import io as ssio
 from subspaces.checkpoint import (
     TrainingProgress,
@@ -77,11 +77,11 @@ if mode in ("kill_step", "nan", "term"):
             return loss * float("nan")
         return loss
     training.Trainer._loss = _loss
-elif mode == "kill_save":   # inside save_state, after the model, optimiser and RNG files
-    import accelerate.accelerator
-    def save_custom_state(*a, **k):
+elif mode == "kill_save":   # inside save_checkpoint, after accelerate's model, optimiser and RNG files
+    from subspaces import checkpoint
+    def write_training_state(*a, **k):
         die()
-    accelerate.accelerator.save_custom_state = save_custom_state
+    checkpoint.write_training_state = write_training_state
 sys.argv = [recipe, *argv]
 runpy.run_path(recipe, run_name="__main__")
 '''
@@ -258,18 +258,17 @@ def _net() -> nn.Module:
 
 def _run(out: Path, history: int = 2, resume: bool = False) -> types.SimpleNamespace:
     """What a Trainer sets up, on a small network: an Accelerator with automatic checkpoint naming,
-    the model and a momentum optimiser prepared, a scheduler and the progress registered (in the
-    Trainer's order); with ``resume`` the newest complete checkpoint loaded."""
+    the model and a momentum optimiser prepared, a scheduler and the progress (saved as JSON,
+    not registered with accelerate); with ``resume`` the newest complete checkpoint loaded."""
     acc = Accelerator(cpu=True, project_config=project_configuration(out, history))
     model = _net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     progress = TrainingProgress()
-    acc.register_for_checkpointing(progress, scheduler)
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        load_checkpoint(acc, ckpt)
+        load_checkpoint(acc, ckpt, progress=progress, scheduler=scheduler)
     prepare_saves(acc, out, ckpt)
     return types.SimpleNamespace(acc=acc, model=model, optimizer=optimizer, scheduler=scheduler, progress=progress, resumed=ckpt)
 
@@ -287,7 +286,7 @@ def _step(r: types.SimpleNamespace) -> None:
 
 def _save(r: types.SimpleNamespace) -> Path:
     _step(r)
-    return save_checkpoint(r.acc, r.progress, r.model)
+    return save_checkpoint(r.acc, r.progress, r.model, scheduler=r.scheduler)
 
 
 @pytest.fixture
@@ -303,12 +302,12 @@ def test_save_checkpoint_is_accelerates_and_records_every_file(saved):
     assert latest_checkpoint(saved.out) == ckpt
     assert sorted(p.name for p in saved.out.iterdir()) == ["checkpoints"]
     manifest = verify_checkpoint(ckpt)
-    # accelerate's files: the registered objects are custom_checkpoint_0 (progress) and _1 (the scheduler)
-    assert set(manifest) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                             "custom_checkpoint_1.pkl"}
+    # accelerate's files, and the progress and the scheduler as JSON (no pickled registered objects)
+    assert set(manifest) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "progress.json", "scheduler.json"}
     assert manifest["optimizer.bin"]["size"] == (ckpt / "optimizer.bin").stat().st_size
     assert _progress(ckpt) == {"epoch": 1, "updates": 1}
-    assert torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)["last_epoch"] == 1
+    scheduler = json.loads((ckpt / "scheduler.json").read_text())
+    assert scheduler["type"] == "StepLR" and scheduler["state"]["last_epoch"] == 1
 
 
 def test_registered_objects_and_weights_resume_exactly(saved):
@@ -359,12 +358,12 @@ def test_save_checkpoint_refuses_nan_weights(saved):
 
 
 def _fail_in_save_state(monkeypatch, error: BaseException) -> None:
-    """accelerate's save_state fails while writing the registered objects (model, optimiser and RNG written)."""
-    def save_custom_state(obj, path, index=0, save_on_each_node=False):
-        (Path(path) / f"custom_checkpoint_{index}.pkl").write_bytes(b"PK\x03\x04 half")
+    """save_checkpoint fails while writing the training state (accelerate's model, optimiser and RNG written)."""
+    def write_training_state(folder, progress, scheduler=None):
+        (Path(folder) / "progress.json").write_bytes(b'{"epoch": ')
         raise error
 
-    monkeypatch.setattr(accelerate.accelerator, "save_custom_state", save_custom_state)
+    monkeypatch.setattr(subspaces.checkpoint, "write_training_state", write_training_state)
 
 
 def test_save_checkpoint_disk_full_keeps_the_previous_one(saved, monkeypatch):
@@ -396,8 +395,8 @@ def test_kill_inside_save_state_keeps_the_previous_checkpoint(saved, monkeypatch
 @pytest.mark.parametrize("damage", ["truncate", "flip", "progress", "manifest", "missing"])
 def test_damaged_checkpoint_is_named(saved, damage):
     ckpt = _folder(saved.out, 0)
-    target = {"truncate": ckpt / "model.safetensors", "flip": ckpt / "optimizer.bin", "progress": ckpt / "custom_checkpoint_0.pkl",
-              "manifest": ckpt / "manifest.json", "missing": ckpt / "custom_checkpoint_1.pkl"}[damage]
+    target = {"truncate": ckpt / "model.safetensors", "flip": ckpt / "optimizer.bin", "progress": ckpt / "progress.json",
+              "manifest": ckpt / "manifest.json", "missing": ckpt / "scheduler.json"}[damage]
     data = bytearray(target.read_bytes())
     if damage == "missing":
         target.unlink()
