@@ -13,13 +13,16 @@ Three parts, each timed and written to the JSON even if a later one fails:
 3. ``compile``: ``torch.compile`` of a line whose point moves every step (train mode, forward +
    backward); after the first steps ``torch._dynamo.config.error_on_recompile`` is set and the
    dynamo frame counters are compared: no recompiles expected.
+4. ``trainer_compile``: the Trainer eager against ``--torchcompile`` (``analysis/compile_bench.py``:
+   plain, line and simplex of resnet18, interleaved epochs, speed-up eager / compiled with
+   bootstrap intervals, the first compile's seconds), fp32, inductor.
 
     python analysis/gpu_check.py --output gpu_check.json              # on the GPU machine
     python analysis/gpu_check.py --cpu --output /tmp/gpu_check.json   # tiny CPU dry run (tests)
 
 ``--cpu`` (alias ``--dry-run``) runs the same code on the CPU with tiny models (timm's
 test_resnet and test_vit, batch 4, 2 repetitions; sync counting is skipped without CUDA and
-compile uses the ``aot_eager`` backend), so the script is tested without a GPU.
+compile uses the ``aot_eager`` backend, the compiled Trainer too), so the script is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import subspaces as ss
 from subspaces.preemption import StopSignals
 
 import bench  # noqa: E402  (the sibling analysis/bench.py, found because a script's own folder is searched first)
+import compile_bench  # noqa: E402  (the sibling analysis/compile_bench.py: eager vs compiled Trainer epochs)
 import loop_bench  # noqa: E402  (the sibling analysis/loop_bench.py: synthetic data)
 
 TARGETS = {"connect": 1.02, "line": 1.05, "simplex": 1.08}
@@ -55,10 +59,14 @@ def settings(cpu: bool) -> dict[str, Any]:
     if cpu:
         return {"device": "cpu", "models": [("test_resnet", 32, 4), ("test_vit", 32, 0)], "batch_size": 4, "reps": 2, "warmup": 1,
                 "trainer_model": "test_resnet", "trainer_img": 32, "trainer_batch": 4, "trainer_steps": 4, "log_interval": 2,
-                "compile_model": "test_resnet", "compile_img": 32, "compile_batch": 2, "compile_steps": 4, "backend": "aot_eager"}
+                "compile_model": "test_resnet", "compile_img": 32, "compile_batch": 2, "compile_steps": 4, "backend": "aot_eager",
+                "tc_argv": ["--models", "test_resnet", "--img-size", "16", "--in-chans", "3", "--batch-size", "4", "--train-size", "8",
+                            "--reps", "2", "--warmup", "0", "--resamples", "100", "--warm-cache"]}
     return {"device": "cuda", "models": [("resnet18", 224, 4), ("vit_small_patch16_224", 224, 0)], "batch_size": 256, "reps": 30,
             "warmup": 5, "trainer_model": "resnet18", "trainer_img": 64, "trainer_batch": 128, "trainer_steps": 40, "log_interval": 20,
-            "compile_model": "resnet18", "compile_img": 64, "compile_batch": 64, "compile_steps": 12, "backend": "inductor"}
+            "compile_model": "resnet18", "compile_img": 64, "compile_batch": 64, "compile_steps": 12, "backend": "inductor",
+            "tc_argv": ["--models", "resnet18", "--img-size", "64", "--in-chans", "3", "--batch-size", "128", "--train-size", "2560",
+                        "--reps", "8", "--warmup", "1", "--device", "cuda"]}
 
 
 # ---------------------------------------------------------------------------------------- 1. step bench
@@ -171,16 +179,29 @@ def compile_check(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------- 4. compiled Trainer
+def trainer_compile(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
+    """Eager against compiled Trainer epochs for plain / line / simplex (fp32: ``amp`` is not used)."""
+    args = compile_bench.parse_args([*cfg["tc_argv"], "--backend", cfg["backend"]])
+    with tempfile.TemporaryDirectory(prefix="gpu_check_compile_") as tmp:
+        res = {name: compile_bench.bench_model(name, args, Path(tmp)) for name in args.models}
+    torch.compiler.reset()
+    for r in res.values():
+        r.pop("times", None)   # the per-round times: the summary is enough here
+    return {"backend": cfg["backend"], "models": res,
+            "met": all(r[v]["ratio"] > 0 for r in res.values() for v in args.variants)}
+
+
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", "--dry-run", dest="cpu", action="store_true", help="tiny models on the CPU (a test of the script)")
     p.add_argument("--amp", default="bf16", choices=["none", "bf16", "fp16"], help="autocast dtype (default: %(default)s)")
-    p.add_argument("--parts", default="step_bench,trainer_sync,compile", help="comma-separated subset of %(default)s")
+    p.add_argument("--parts", default="step_bench,trainer_sync,compile,trainer_compile", help="comma-separated subset of %(default)s")
     p.add_argument("--output", default="gpu_check.json")
     args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
-    unknown = set(args.parts) - {"step_bench", "trainer_sync", "compile"}
+    unknown = set(args.parts) - {"step_bench", "trainer_sync", "compile", "trainer_compile"}
     if unknown:
         p.error(f"unknown --parts {sorted(unknown)}")
     if not args.cpu and not torch.cuda.is_available():
@@ -196,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "timm": timm.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else None}
     out: dict[str, Any] = {"meta": meta}
-    parts = {"step_bench": step_bench, "trainer_sync": trainer_sync, "compile": compile_check}
+    parts = {"step_bench": step_bench, "trainer_sync": trainer_sync, "compile": compile_check, "trainer_compile": trainer_compile}
     t_start = time.perf_counter()
     for name in args.parts:
         t0 = time.perf_counter()
@@ -208,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         Path(args.output).write_text(json.dumps(out, indent=1, default=str))   # what is done survives a later failure
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     out["total_seconds"] = time.perf_counter() - t_start
-    met = {k: out[k].get("met") for k in ("trainer_sync", "compile") if k in out}
+    met = {k: out[k].get("met") for k in ("trainer_sync", "compile", "trainer_compile") if k in out}
     if "step_bench" in out and "error" not in out["step_bench"]:
         met["step_bench"] = all(t["met"] for r in out["step_bench"]["models"].values() for t in r["targets"].values())
     out["met"] = met

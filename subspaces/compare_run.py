@@ -226,11 +226,17 @@ class Runner:
             raise ValueError(f"unknown compare member {name!r}")
 
 
-def worker_environment(threads: int) -> dict[str, str]:
+def worker_environment(threads: int, output: Path | None = None) -> dict[str, str]:
     """The environment of a member's worker process: this one's, without a distributed launch
-    (the member trains alone) and with ``threads`` OpenMP threads."""
+    (the member trains alone) and with ``threads`` OpenMP threads; with the compare's ``output``,
+    one torch.compile cache for all workers (``output/.compile_cache``) unless the user set one,
+    so that only the first member of a kind pays the compile (``--torchcompile``)."""
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCH_VARIABLES and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL", "NCCL_"))}
+    if output is not None:
+        cache = Path(output).absolute() / ".compile_cache"
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     env["OMP_NUM_THREADS"] = str(max(1, threads))
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -361,5 +367,5 @@ def _start_worker(runner: Runner, task: Task, claims: Path) -> tuple[subprocess.
     fh = open(log_path, "a")
     log(f"{runner.root / task.name}: started in a worker process (log {log_path})")
     proc = subprocess.Popen([sys.executable, "-m", "subspaces.compare_worker", str(spec)], stdout=fh, stderr=subprocess.STDOUT,
-                            env=worker_environment(runner.args.threads), start_new_session=False)
+                            env=worker_environment(runner.args.threads, Path(runner.args.output)), start_new_session=False)
     return proc, fh, time.perf_counter(), log_path

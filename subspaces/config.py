@@ -101,6 +101,11 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
     g.add_argument("--log-interval", type=int, default=50, help="steps between plain-text progress lines when not on a terminal")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (always after the last)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
+                   help="torch.compile the training forward with BACKEND (timm's flag; alone: inductor; default: eager, "
+                        "or what `accelerate launch --dynamo_backend` says)")
+    g.add_argument("--torchcompile-mode", type=str, default=None, metavar="MODE",
+                   help="torch.compile mode: default | reduce-overhead | max-autotune (default: torch's)")
     g.add_argument("--log-with", default=None,
                    help="accelerate trackers for the metrics: tensorboard, wandb, mlflow, comet_ml, aim, ... or all; "
                         "files under OUTPUT/trackers (default: metrics.jsonl only)")

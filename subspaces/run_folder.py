@@ -34,7 +34,7 @@ import yaml
 from .checkpoint import project_configuration
 from .errors import ConfigError
 from .io import atomic_path
-from .settings import RecipeConfig, RunConfig, Settings, TrainConfig
+from .settings import RecipeConfig, RunConfig, Settings, TrainConfig, check_compile
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -95,7 +95,10 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
     ``args.log_with`` names accelerate trackers, writing under ``project_dir/trackers``
     (accelerate's ``logging_dir``). With a ``project_dir``, accelerate names the checkpoints
     itself: ``project_dir/checkpoints/checkpoint_<i>``, the newest ``args.checkpoint_hist`` kept
-    (:mod:`subspaces.checkpoint`).
+    (:mod:`subspaces.checkpoint`). The launcher's ``--dynamo_backend`` / ``--dynamo_mode``
+    become ``args.torchcompile`` / ``torchcompile_mode`` unless those are set (and so are saved
+    in the config, for a resume to compile the same way); accelerate's own compile is off
+    because the Trainer compiles the prepared model itself (see ``Trainer.compile_model``).
     """
     on_cpu = args.cpu or not torch.accelerator.is_available()
     requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -106,7 +109,16 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
     log_with = args.log_with
     if log_with and project_dir is None:
         raise ConfigError("--log-with needs a run folder for the trackers' files: pass an output folder")
+    launcher = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if args.torchcompile is None and launcher != "no":   # `accelerate launch --dynamo_backend X` means --torchcompile X
+        args.torchcompile = launcher
+        launcher_mode = os.environ.get("ACCELERATE_DYNAMO_MODE")
+        args.torchcompile_mode = args.torchcompile_mode or (launcher_mode if launcher_mode not in (None, "default") else None)
+        check_compile(args.torchcompile, args.torchcompile_mode)
     accelerator = Accelerator(
+        # the Trainer compiles after prepare (Trainer.compile_model), not accelerate: the prepared
+        # model and its checkpoints stay the eager module's, whether or not a run compiles
+        dynamo_backend="no",
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         cpu=on_cpu,

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 import timm
+import torch
 
 from .augment import augmentation_from, check_mixup, for_dataset
 from .checkpoint import DEFAULT_HISTORY, check_history
@@ -191,6 +192,8 @@ class TrainConfig(Settings):
     eval_every: int = 1
     log_interval: int = 50
     checkpoint_hist: int = DEFAULT_HISTORY   # checkpoints kept (accelerate's total_limit); >= 2 so a kill mid-save leaves one
+    torchcompile: str | None = None        # torch.compile backend of the training forward (timm's --torchcompile); None: eager
+    torchcompile_mode: str | None = None   # torch.compile mode ("default", "reduce-overhead", "max-autotune"); None: torch's default
 
     def validate(self) -> None:
         super().validate()
@@ -208,6 +211,26 @@ class TrainConfig(Settings):
         _one_of(self, "mixed_precision", (None, "no", "bf16", "fp16"))
         _one_of(self, "beta_params", ("weights", "all"))
         _one_of(self, "volume_form", ("benton", "log"))
+        check_compile(self.torchcompile, self.torchcompile_mode)
+
+
+#: torch.compile's modes (``torch.compile(mode=...)``)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile(backend: str | None, mode: str | None) -> None:
+    """ConfigError unless ``backend`` is None or one of torch.compile's backends (debug ones such
+    as ``eager`` / ``aot_eager`` included) and ``mode`` is None or one of :data:`COMPILE_MODES`
+    with a backend to go with it: a typo fails before any data is read, not at the first step."""
+    if backend is not None:
+        known = torch.compiler.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ConfigError(f"--torchcompile {backend!r} is not a torch.compile backend; use one of {sorted(known)} (default: inductor)")
+    if mode is not None:
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"--torchcompile-mode must be one of {COMPILE_MODES}, got {mode!r}")
+        if backend is None:
+            raise ConfigError(f"--torchcompile-mode {mode} needs --torchcompile [BACKEND] (it sets how, not whether, to compile)")
 
 
 SHAPE_NAMES = ("none", "line", "bezier", "polychain", "simplex")

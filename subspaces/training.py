@@ -38,6 +38,7 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -161,6 +162,22 @@ def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.M
     layout = layout_for(args.opt, args.layer_decay)
     return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
                                  layout=layout, **args.shape_kwargs())
+
+
+def compile_model(model: nn.Module, backend: str | None, mode: str | None = None) -> nn.Module:
+    """``torch.compile(model)`` for training with ``backend`` / ``mode`` (timm's ``--torchcompile``),
+    or ``model`` itself when ``backend`` is None or it is compiled already (an Accelerator with
+    its own dynamo plugin). Compiled after ``accelerator.prepare``, so that accelerate's
+    registered model, and so the checkpoints' keys, stay the eager module's: a compiled run
+    resumes eagerly and the other way round.
+
+    ``dynamic=False``: a batch of another size (an epoch's last) compiles a second graph
+    once, instead of turning every graph's batch dimension symbolic. A subspace's moving point
+    does not recompile: the point and its coefficients are tensors drawn outside the graph
+    (``Subspace._coeffs_for`` is not traced), the same graph serves every point."""
+    if backend is None or is_compiled_module(model):
+        return model
+    return torch.compile(model, backend=backend, mode=mode, dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -326,10 +343,12 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         """The model without accelerate's wrappers (DDP, compile). Unwrapped once after
-        ``prepare``: accelerate's ``unwrap_model`` walks the modules on every call (~0.1 ms)."""
+        ``prepare``: accelerate's ``unwrap_model`` walks the modules on every call (~0.1 ms).
+        Compiled models (``--torchcompile``, ``accelerate launch --dynamo_backend``) are unwrapped
+        too: evaluation, exports and the subspace's own methods need the module itself."""
         if self._net is not None:
             return self._net
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _setup(self) -> None:
         a, accelerator = self.args, self.accelerator
@@ -339,7 +358,8 @@ class Trainer:
         train_loader = make_loader(self.data.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.workers)
         eval_loader = make_loader(self.data.eval, a.batch_size, shuffle=False, num_workers=a.workers)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(self.model, self.optimizer, train_loader, eval_loader)
-        self._net = accelerator.unwrap_model(self.model)
+        self._net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.model = compile_model(self.model, a.torchcompile, a.torchcompile_mode)
         self.updates_per_epoch = math.ceil(len(self.train_loader) / a.grad_accum_steps)
         if a.batch_size * accelerator.num_processes > len(self.data.train):
             largest = len(self.data.train) // accelerator.num_processes

@@ -284,3 +284,7 @@ def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, monkeypatch):
     assert data["trainer_sync"]["counted"] is False and data["trainer_sync"]["steps"] == 4
     comp = data["compile"]
     assert comp["met"] and comp["new_frames_after_warmup"] == 0 and comp["points_drawn"] == comp["steps"]
+    compiled = data["trainer_compile"]
+    assert compiled.get("error") is None, compiled.get("traceback")
+    assert set(compiled["models"]["test_resnet"]) >= {"plain", "line", "simplex"}
+    assert _positive(compiled["models"]["test_resnet"]["line"]["ratio"])
