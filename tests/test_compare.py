@@ -116,6 +116,37 @@ def test_every_row_is_evaluated_with_batchnorm_recomputed(compare_runs):
     assert ind1["nll"] != pytest.approx(running["nll"], abs=1e-5)
 
 
+def test_rows_from_saved_predictions_equal_a_direct_evaluation(compare_runs):
+    """The rows the main process averages from the members' saved probabilities equal the same
+    ensembles evaluated directly (BatchNorm recomputed at each network, probabilities averaged)."""
+    from subspaces.compare_plan import make_plan
+    from subspaces.data import build_datasets, make_loader
+    from subspaces.ensembles import Ensemble, evaluate
+    from subspaces.io import load_model, load_subspace
+    from subspaces.snapshots import list_snapshots
+
+    out = compare_runs["out"]
+    data = json.loads((out / "results.json").read_text())
+    proto, table = data["protocol"], data["table"]
+    line = load_subspace(out / "seed0" / "line1B")
+    bundle = build_datasets("fashion-mnist", in_chans=1, train_subset=proto["train_subset"], eval_subset=proto["eval_subset"],
+                            holdout=proto["holdout"], seed=proto["seed"], model=line.export(0.5))
+    bn = make_loader(bundle.bn, proto["batch_size"], shuffle=False)
+    test = make_loader(bundle.eval, 32, shuffle=False)
+    ends = Ensemble([line.export(t, bn_loader=bn, bn_batches=proto["bn_batches"]) for t in (0.0, 1.0)])
+    direct = evaluate(ends, test)
+    assert table["Line endpoints (ens.)"]["1B"]["acc"] == pytest.approx(direct["acc"], abs=1e-9)
+    assert table["Line endpoints (ens.)"]["1B"]["nll"] == pytest.approx(direct["nll"], abs=1e-5)
+    snaps = list_snapshots(out / "seed0" / "fge")
+    plan = make_plan(CompareConfig.from_mapping(proto), len(bundle.train))
+    n = plan.fge_count(2, [s.iteration for s in snaps])
+    direct = evaluate(Ensemble([load_model(s.path) for s in snaps[:n]]), test)
+    assert table["FGE"]["2B"]["members"] == n
+    assert table["FGE"]["2B"]["nll"] == pytest.approx(direct["nll"], abs=1e-5)
+    val = evaluate(ends, make_loader(bundle.holdout, 32, shuffle=False))
+    assert table["Line endpoints (ens.)"]["1B"]["val_nll"] == pytest.approx(val["nll"], abs=1e-5)
+
+
 def test_a_stopped_compare_reuses_its_finished_members(compare_runs):
     stop = compare_runs["after_stop"]
     assert compare_runs["rc_stop"] == 0
