@@ -17,6 +17,7 @@ from subspaces import io
 from subspaces.errors import CheckpointError, ConfigError
 from subspaces.settings import SHAPE_NAMES, subspace_choices
 from subspaces.shape_registry import ShapeParam, get_shape, register_shape, shape_names, unregister_shape
+from subspaces.shapes import Curve
 
 from helpers import REPO
 
@@ -57,6 +58,7 @@ def test_the_built_in_shapes_are_registered_in_order():
     assert shape_names() == ("line", "bezier", "polychain", "simplex") and SHAPE_NAMES == ("none", *shape_names())
     assert shape_names(curve=True) == ("line", "bezier", "polychain") and shape_names(curve=False) == ("simplex",)
     assert dict(io.SHAPES) == {"line": ss.Line, "bezier": ss.Bezier, "polychain": ss.PolyChain, "simplex": ss.Simplex}
+    assert all(get_shape(n).curve == issubclass(io.SHAPES[n], Curve) for n in shape_names())   # what --sampling arc_length checks
     assert ss.TrainRunConfig(subspace="polychain").shape_kwargs() == {"bends": 1}
     assert get_shape("simplex").kwargs_from(ss.TrainRunConfig(subspace="simplex", vertices=5)) == {"vertices": 5}
 
