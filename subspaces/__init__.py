@@ -12,6 +12,7 @@ from .pointwise import (
     point_coefficients,
 )
 from .regularizers import cosine_penalty, log_volume
+from .shape_registry import ShapeParam, get_shape, register_shape, shape_names
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
 from .snapshots import list_snapshots, load_optimizer_state, swa_average, train_snapshots
 from .subspace import Subspace, layout_for
@@ -40,6 +41,10 @@ __all__ = [
     "PolyChain",
     "Simplex",
     "Subspace",
+    "ShapeParam",
+    "get_shape",
+    "register_shape",
+    "shape_names",
     "CompareConfig",
     "ComplexConfig",
     "ConnectConfig",

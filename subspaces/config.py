@@ -19,7 +19,8 @@ from .augment import CROP_MODES, MIXUP_MODES
 from .checkpoint import DEFAULT_HISTORY
 from .errors import ConfigError
 from .run_folder import RESOLVED_KEY
-from .settings import EXPORT_FORMATS, METHODS, SHAPE_NAMES
+from .settings import EXPORT_FORMATS, METHODS, subspace_choices
+from .shape_registry import param_help
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -116,10 +117,11 @@ def add_run_args(p: argparse.ArgumentParser, *, output: str) -> None:
 
 def add_subspace_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("subspace")
-    g.add_argument("--subspace", default="none", choices=SHAPE_NAMES, help="shape trained from scratch (default: %(default)s: a standard network)")
-    g.add_argument("--degree", type=int, default=None, help="Bezier degree (default 2; only with --subspace bezier)")
-    g.add_argument("--bends", type=int, default=None, help="polygonal chain bends (default 1; only with --subspace polychain)")
-    g.add_argument("--vertices", type=int, default=None, help="simplex vertices (default 3; only with --subspace simplex)")
+    # choices and help read the shape registry when the parser is built: shapes registered by then are offered
+    g.add_argument("--subspace", default="none", choices=subspace_choices(), help="shape trained from scratch (default: %(default)s: a standard network)")
+    g.add_argument("--degree", type=int, default=None, help=param_help("degree"))
+    g.add_argument("--bends", type=int, default=None, help=param_help("bends"))
+    g.add_argument("--vertices", type=int, default=None, help=param_help("vertices"))
     g.add_argument("--layerwise", action="store_true", help="an independent point per layer ([W]'s layerwise variant)")
     g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="point sampling (default: %(default)s)")
     g.add_argument("--same-point", action="store_true", help="under DDP, draw the same point on every rank (default: a different point per rank)")

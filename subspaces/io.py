@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .shapes import Bezier, Line, PolyChain, Simplex
+from . import shapes  # noqa: F401  (importing it registers the built-in shapes that SHAPES lists)
+from .shape_registry import get_shape, shape_classes, shape_of
 from .subspace import Subspace
 
-SHAPES: dict[str, type[Subspace]] = {"line": Line, "bezier": Bezier, "polychain": PolyChain, "simplex": Simplex}
+#: name -> Subspace class of every registered shape (a live, read-only view of the registry)
+SHAPES: Mapping[str, type[Subspace]] = shape_classes()
 
 
 @contextmanager
@@ -290,16 +292,12 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def subspace_spec(sub: Subspace) -> dict[str, Any]:
-    kind = {Line: "line", Bezier: "bezier", PolyChain: "polychain", Simplex: "simplex"}[type(sub)]
-    shape: dict[str, Any] = {}
-    if kind == "bezier":
-        shape["degree"] = sub.degree  # type: ignore[attr-defined]
-    if kind == "polychain":
-        shape["bends"] = sub.bends  # type: ignore[attr-defined]
-    if kind == "simplex":
-        shape["vertices"] = sub.num_anchors
+    """What a saved subspace records besides its weights: its registered ``shape`` name, the
+    ``shape_kwargs`` that rebuild it (:meth:`ShapeEntry.spec_kwargs`), sampling, frozen
+    anchors, include / exclude and layout. ConfigError for a class no shape is registered as."""
+    entry = shape_of(sub)
     frozen = [k for k in range(sub.num_anchors) if not sub.anchor_trainable(k)]
-    return {"shape": kind, "shape_kwargs": shape, "sampling": sub.sampling, "frozen": frozen,
+    return {"shape": entry.name, "shape_kwargs": entry.spec_kwargs(sub), "sampling": sub.sampling, "frozen": frozen,
             "include": sub.include, "exclude": sub.exclude, "layout": sub.layout}
 
 
@@ -328,7 +326,7 @@ def load_subspace(path: str | os.PathLike) -> Subspace:
     if not isinstance(info, dict) or info.get("shape") not in SHAPES or not isinstance(info.get("shape_kwargs", {}), dict):
         raise CheckpointError(f"{spec_path}: 'subspace' is not a shape this version knows (corrupted, or written by another version?)")
     model = _create_from(spec, spec_path)
-    cls = SHAPES[info["shape"]]
+    cls = get_shape(info["shape"]).cls
     try:
         sub = cls(model, **info.get("shape_kwargs", {}), sampling=info.get("sampling", "global"), include=info.get("include"),
                   exclude=info.get("exclude"), layout=info.get("layout", "flat"), init=lambda m: None)

@@ -23,7 +23,9 @@ import torch
 from .augment import augmentation_from, check_mixup, for_dataset
 from .checkpoint import DEFAULT_HISTORY, check_history
 from .data import DATASETS
+from . import shapes  # noqa: F401  (importing it registers the built-in shapes that subspace_choices lists)
 from .errors import ConfigError
+from .shape_registry import get_shape, param_owners, shape_names
 
 S = TypeVar("S", bound="Settings")
 
@@ -233,15 +235,30 @@ def check_compile(backend: str | None, mode: str | None) -> None:
             raise ConfigError(f"--torchcompile-mode {mode} needs --torchcompile [BACKEND] (it sets how, not whether, to compile)")
 
 
-SHAPE_NAMES = ("none", "line", "bezier", "polychain", "simplex")
+def subspace_choices() -> tuple[str, ...]:
+    """The values ``--subspace`` accepts now: "none" (a standard network) and every registered shape."""
+    return ("none", *shape_names())
+
+
+def _or(names: tuple[str, ...]) -> str:
+    """The shapes a message offers, as "a, b or c"."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1]))) if names else "(none registered)"
+
+
+#: the ``--subspace`` values of the built-in shapes, as at import (:func:`subspace_choices`
+#: also lists the shapes registered since)
+SHAPE_NAMES = subspace_choices()
 #: the rows the comparison can train (``ind`` always runs)
 METHODS = ("ind", "sse", "fge", "swa", "line", "layerwise", "simplex", "espro")
+#: the settings fields that registered shapes take as constructor keywords (ShapeParam names)
+SHAPE_PARAMS = ("degree", "bends", "vertices")
 
 
 @dataclass(kw_only=True)
 class SubspaceConfig(Settings):
-    """The shape trained from scratch [W]: ``subspace`` "none" is a standard network; ``degree``,
-    ``bends``, ``vertices`` default to 2, 1, 3 for their shapes."""
+    """The shape trained from scratch [W]: ``subspace`` "none" is a standard network, else a name
+    registered with :func:`subspaces.shape_registry.register_shape`; ``degree``, ``bends``,
+    ``vertices`` are the built-in shapes' sizes (default 2, 1, 3), None where a shape takes none."""
 
     subspace: str = "none"
     degree: int | None = None
@@ -255,33 +272,28 @@ class SubspaceConfig(Settings):
 
     def validate(self) -> None:
         super().validate()
-        _one_of(self, "subspace", SHAPE_NAMES)
+        _one_of(self, "subspace", subspace_choices())
         _one_of(self, "sampling", ("global", "layerwise", "arc_length"))
         sub = self.subspace
-        for name, shape in (("degree", "bezier"), ("bends", "polychain"), ("vertices", "simplex")):
-            if getattr(self, name) is not None and sub != shape:
-                raise ConfigError(f"--{name} applies to --subspace {shape}, not --subspace {sub}")
+        params = {} if sub == "none" else {p.name: p for p in get_shape(sub).params}
+        for name in SHAPE_PARAMS:
+            if getattr(self, name) is not None and name not in params:
+                raise ConfigError(f"--{name} applies to --subspace {_or(param_owners(name))}, not --subspace {sub}")
         if sub == "none":
             for name in ("layerwise", "same_point"):
                 if getattr(self, name):
-                    raise ConfigError(f"{flag(name)} needs a --subspace (line, bezier, polychain or simplex)")
-        if self.sampling == "arc_length" and sub not in ("line", "bezier", "polychain"):
-            raise ConfigError("--sampling arc_length is defined for curves: --subspace line, bezier or polychain")
-        for name, minimum, what in (("degree", 1, "degree 1 is a line"), ("bends", 0, "0 bends is a line"),
-                                    ("vertices", 2, "a simplex needs at least 2 vertices")):
-            value = getattr(self, name)
-            if value is not None and value < minimum:
-                raise ConfigError(f"--{name} {value} is invalid: it must be >= {minimum} ({what})")
+                    raise ConfigError(f"{flag(name)} needs a --subspace ({_or(shape_names())})")
+        if self.sampling == "arc_length" and (sub == "none" or not get_shape(sub).curve):
+            raise ConfigError(f"--sampling arc_length is defined for curves: --subspace {_or(shape_names(curve=True))}")
+        for p in params.values():
+            value = getattr(self, p.name, None)
+            if value is not None and value < p.minimum:
+                raise ConfigError(f"--{p.name} {value} is invalid: it must be >= {p.minimum} ({p.why})")
 
     def shape_kwargs(self) -> dict[str, int]:
-        """The keyword of the chosen shape's constructor: degree, bends or vertices (with defaults)."""
-        if self.subspace == "bezier":
-            return {"degree": self.degree if self.degree is not None else 2}
-        if self.subspace == "polychain":
-            return {"bends": self.bends if self.bends is not None else 1}
-        if self.subspace == "simplex":
-            return {"vertices": self.vertices if self.vertices is not None else 3}
-        return {}
+        """The keywords of the chosen shape's constructor (its registered params, with their
+        defaults), e.g. ``{"degree": 2}`` for a bezier; ``{}`` for "none" and a line."""
+        return {} if self.subspace == "none" else get_shape(self.subspace).kwargs_from(self)
 
 
 EXPORT_FORMATS = ("both", "timm", "safetensors")
@@ -317,8 +329,8 @@ class TrainRunConfig(SubspaceConfig, TrainConfig, ModelConfig, DataConfig, RunCo
                 raise ConfigError("--samples-per-step draws several points of a subspace per batch: add --subspace")
             if self.beta or self.volume_lambda:
                 raise ConfigError("--beta / --volume-lambda regularise a subspace: add --subspace")
-        if self.volume_lambda and self.subspace != "simplex":
-            raise ConfigError("--volume-lambda is the simplex volume regulariser: use it with --subspace simplex")
+        if self.volume_lambda and get_shape(self.subspace).curve:
+            raise ConfigError(f"--volume-lambda is the simplex volume regulariser: use it with --subspace {_or(shape_names(curve=False))}")
         _at_least(self, 1, "stop_after_epochs")
 
 

@@ -6,6 +6,9 @@
 | Bezier    | n + 1  | t in [0, 1]       | C(n, k) t^k (1 - t)^(n - k)             |
 | PolyChain | b + 2  | t in [0, 1]       | max(0, 1 - abs(t (K - 1) - k))          |
 | Simplex   | K      | p >= 0, sum p = 1 | p_k                                     |
+
+Each is registered at the end of this module (:func:`subspaces.shape_registry.register_shape`)
+under its ``--subspace`` name, which is how the settings, the command line and the files find it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .shape_registry import ShapeParam, register_shape
 from .subspace import Point, Subspace
 
 
@@ -214,3 +218,15 @@ class Simplex(Subspace):
         Rebuild the optimiser afterwards: the new vertex's Parameters are new tensors.
         """
         return self.append_centroid_anchor()
+
+
+# The --subspace names, in the order that --help and the error messages list them.
+register_shape("line", Line, curve=True)
+register_shape("bezier", Bezier, curve=True,
+               params=(ShapeParam("degree", default=2, minimum=1, why="degree 1 is a line", help="Bezier degree"),))
+register_shape("polychain", PolyChain, curve=True,
+               params=(ShapeParam("bends", default=1, minimum=0, why="0 bends is a line", help="polygonal chain bends"),))
+# a simplex records its vertex count now, not its constructor's: SPRO's add_vertex grows it
+register_shape("simplex", Simplex, curve=False,
+               params=(ShapeParam("vertices", default=3, minimum=2, why="a simplex needs at least 2 vertices", help="simplex vertices"),),
+               save=lambda sub: {"vertices": sub.num_anchors})

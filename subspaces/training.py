@@ -56,8 +56,9 @@ from .ensembles import evaluate
 from .errors import ConfigError, NonFiniteLossError, Preempted
 from .preemption import StopSignals
 from .run_folder import make_accelerator, prepare_run
-from .io import SHAPES, save_export, save_subspace, write_json
+from .io import save_export, save_subspace, write_json
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
+from .shape_registry import get_shape
 from .subspace import Subspace, layout_for
 from .settings import POINT_SEED_STRIDE, DataConfig, DataRun, ModelConfig, ModelRun, TrainConfig, TrainRunConfig
 
@@ -160,8 +161,8 @@ def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.M
     seed = args.seed if args.same_point else args.seed + POINT_SEED_STRIDE * rank
     sampling = "layerwise" if args.layerwise else args.sampling
     layout = layout_for(args.opt, args.layer_decay)
-    return SHAPES[args.subspace](model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
-                                 layout=layout, **args.shape_kwargs())
+    return get_shape(args.subspace).cls(model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
+                                        layout=layout, **args.shape_kwargs())
 
 
 def compile_model(model: nn.Module, backend: str | None, mode: str | None = None) -> nn.Module:
