@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -779,7 +780,9 @@ def _invariant_slices(t: Tensor, axis: int, groups: Sequence[int | None]) -> Ten
     if not moving:
         return out.reshape(t.shape[axis], -1)
     out = out.reshape(t.shape[axis], -1, math.prod(t.shape[d] for d in moving))
-    return out.sort(dim=-1).values.reshape(t.shape[axis], -1)
+    out = out.to(torch.promote_types(out.dtype, torch.float32)).contiguous()
+    # numpy's sort (SIMD) is 30-60x faster than torch's on CPU for rows of a few hundred entries
+    return torch.from_numpy(np.sort(out.numpy(), axis=-1)).reshape(t.shape[axis], -1)
 
 
 def _log_matching(info: dict[str, Any]) -> None:
