@@ -58,7 +58,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "distance_after": parameter_distance(a, apply_permutation(b, spec, perms)), "cpu_s": cpu, "wall_s": wall})
         r = rows[-1]
         starts = " | ".join(f"{s['start']} {s['similarity']:.2f} ({s['iterations']})" for s in r["starts"])
-        common.console.print(f"| {name} | {r['params_m']:.1f} M | {r['groups']} / {r['channels']} | {r['similarity_before']:.1f} | {starts} | "
+        common.console.print(f"| {name} | {r['params_m']:.1f} M | {r['groups']} / {r['channels']} | {r['similarity_before']:.1f} | "
+                             f"{starts} | "
                              f"{r['similarity_after']:.1f} ({r['start']}) | {r['similarity_bound']:.1f} | {exact:.1f} | "
                              f"{r['distance_before']:.2f} -> {r['distance_after']:.3g} | {cpu:.1f} / {wall:.1f} |", soft_wrap=True)
     return rows
