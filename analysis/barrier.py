@@ -146,8 +146,12 @@ def print_summary(data: dict) -> None:
     common.console.print(table)
     if data["alignment"]:
         al = data["alignment"]
+        other = "none run" if al["similarity_alternative"] is None else f"{al['similarity_alternative']:.6g}"
         common.console.print(f"alignment: {al['groups']} groups, {al['channels']} channels ({al['channels_moved']} moved), "
-                             f"{al['iterations']} sweeps; ||A - B|| {al['distance_before']:.3f} -> {al['distance_after']:.3f}; "
+                             f"{al['iterations']} sweeps; similarity {al['similarity_after']:.6g} "
+                             f"(upper bound {al['similarity_bound']:.6g}, "
+                             f"start '{al['start']}', best other start {other}); "
+                             f"||A - B|| {al['distance_before']:.3f} -> {al['distance_after']:.3f}; "
                              f"max output change {al['max_output_change']:.2g}; {al['seconds']:.1f} s")
     common.console.print(f"{data['seconds']:.1f} s")
 
