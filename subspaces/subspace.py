@@ -377,11 +377,11 @@ class Subspace(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
         if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
+            raise ConfigError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
         if sampling == "arc_length" and not self._is_curve():
-            raise ValueError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
+            raise ConfigError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
         if arc_length_every < 1:
-            raise ValueError(f"arc_length_every must be >= 1, got {arc_length_every}")
+            raise ConfigError(f"arc_length_every must be >= 1, got {arc_length_every}")
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
         self.layout = layout
@@ -399,7 +399,7 @@ class Subspace(nn.Module):
         self.model = copy.deepcopy(model)
         self._groups = self._layout(self.model, include, exclude)
         if not self._groups:
-            raise ValueError(
+            raise ConfigError(
                 "no parameter matched include=/exclude=: the subspace would be empty; check the "
                 f"patterns against the model's parameter names (e.g. {self._first_names(model)})"
             )
@@ -487,7 +487,7 @@ class Subspace(nn.Module):
             try:
                 flat = torch.cat([params[n].detach().reshape(-1) for n in g.names])
             except KeyError as err:
-                raise ValueError(f"model has no parameter {err.args[0]!r} that the subspace needs") from err
+                raise ConfigError(f"model has no parameter {err.args[0]!r} that the subspace needs") from err
             out.append(flat.reshape(g.storage_shape()).clone())
         return out
 
@@ -495,7 +495,7 @@ class Subspace(nn.Module):
         if endpoints is not None:
             return self._connect_sources([self._flatten(m) for m in endpoints])
         if not (init == "reinit" or callable(init)):
-            raise ValueError(f"init={init!r}: use 'reinit' or a callable init(model)")
+            raise ConfigError(f"init={init!r}: use 'reinit' or a callable init(model)")
         original = dict(model.named_parameters())
         wanted = {n for g in self._groups for n in g.names}
         sources, shuffled = [], set()
