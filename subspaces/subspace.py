@@ -157,8 +157,9 @@ def _pooling_available() -> bool:
     return False
 
 
-#: the CPU buffer pool is used (see :class:`_Pool`); ``analysis/bench.py --pool both`` times it off
-_POOLING = _pooling_available()
+#: whether the CPU buffer pool is used (see :class:`_Pool`): a switch, set False to turn it off
+#: (same results, slower on the CPU); ``analysis/bench.py --pool both`` times both
+POOLING = _pooling_available()
 
 
 def _lerp_steps(coeffs: Tensor) -> Tensor | None:
@@ -548,6 +549,12 @@ class Subspace(nn.Module):
             return self.coefficients(self._sample_arc_length())
         return self.coefficients(self.sample(self.generator))
 
+    @property
+    def points_drawn(self) -> int:
+        """Points drawn by training forwards so far (one per forward, or one set per forward for
+        layerwise sampling); saved in the state_dict, so it continues after a resume."""
+        return self._steps
+
     def set_point(self, point: Point | None) -> None:
         """Fix the point used by every forward (train or eval) until ``set_point(None)``."""
         self._fixed = None if point is None else self.coefficients(self.validate_point(point))
@@ -611,7 +618,7 @@ class Subspace(nn.Module):
         out: list[Any] = []
         steps = _lerp_steps(coeffs)
         pools: dict[str, _Pool] | None = None
-        if pieces and pooled and _POOLING and not torch.compiler.is_compiling():
+        if pieces and pooled and POOLING and not torch.compiler.is_compiling():
             pools = self.__dict__.setdefault("_pools", {})
         try:
             for g in self._groups:

@@ -35,8 +35,8 @@ class CountingTrainer(ss.Trainer):
 
     calls: list[tuple[int, int]]
 
-    def _setup(self) -> None:
-        super()._setup()
+    def setup(self) -> None:
+        super().setup()
         self.calls = []
 
         def hook(state: Any, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -144,7 +144,7 @@ def test_the_buffer_pool_is_on_and_reuses_the_mixed_weights_between_steps():
     from subspaces import subspace as core
 
     assert callable(getattr(torch._C, "_storage_Use_Count", None)), "this torch lacks the call the pool needs: see docs/performance.md"
-    assert core._POOLING, "torch has _storage_Use_Count but the pool is off"
+    assert core.POOLING, "torch has _storage_Use_Count but the pool is off"
     line, pointers = _line_steps(3)
     assert pointers[0], "no pooled mixed weights after a CPU training step: the pooled path was not taken"
     assert pointers[1] == pointers[2], "the pool handed out fresh storage although nothing else held the last one"
@@ -161,7 +161,7 @@ def test_a_torch_without_the_pool_call_warns_and_turns_the_pool_off(monkeypatch)
     monkeypatch.delattr(torch._C, "_storage_Use_Count")
     with pytest.warns(RuntimeWarning, match="buffer pool is off"):
         assert core._pooling_available() is False
-    monkeypatch.setattr(core, "_POOLING", False)
+    monkeypatch.setattr(core, "POOLING", False)
     _, pointers = _line_steps(2)   # still trains, without pooled buffers
     assert pointers == [{}, {}]
 

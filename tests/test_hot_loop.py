@@ -92,7 +92,7 @@ def _trainer(tmp_path, data, shape: str, **config):
 def test_no_host_read_between_log_intervals(tmp_path, data, monkeypatch, shape, config):
     reads, checks = HostReads(), []
     trainer = _trainer(tmp_path, data, shape, **config)
-    train_epoch, check_in, evaluate_now, save = (training.Trainer._train_epoch, training.Trainer._check_in,
+    train_epoch, check_in, evaluate_now, save = (training.Trainer.train_epoch, training.Trainer._check_in,
                                                  training.Trainer.evaluate_now, training.Trainer._save)
 
     def counting_epoch(self, *args, **kwargs):
@@ -110,7 +110,7 @@ def test_no_host_read_between_log_intervals(tmp_path, data, monkeypatch, shape, 
                 return method(self, *args, **kwargs)
         return run
 
-    monkeypatch.setattr(training.Trainer, "_train_epoch", counting_epoch)
+    monkeypatch.setattr(training.Trainer, "train_epoch", counting_epoch)
     monkeypatch.setattr(training.Trainer, "_check_in", paused(check_in, checks))
     monkeypatch.setattr(training.Trainer, "evaluate_now", paused(evaluate_now))
     monkeypatch.setattr(training.Trainer, "_save", paused(save))
