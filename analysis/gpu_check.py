@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 15, item 5): one script, one JSON, under 8 minutes on an H200.
+"""The prepared GPU check: one script, one JSON, under 8 minutes on an H200.
 
 Three parts, each timed and written to the JSON even if a later one fails:
 

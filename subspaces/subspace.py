@@ -76,8 +76,8 @@ def layout_for(opt: str, layer_decay: float | None = None) -> str:
 _PIECE_NUMEL = 1 << 16   # mean elements per parameter tensor above which backward goes tensor by tensor
 # Anchors are stored in flat chunks of at most this size. Larger tensors are slow on CPU: glibc
 # serves allocations above 32 MiB with fresh mmapped pages each time, so every temporary of
-# that size (the optimiser's weight-decay sum, a gradient) costs page faults: SGD over one
-# 45 MB tensor took 22 ms against 12 ms over 8 MiB chunks (resnet18, 2 cores).
+# that size (the optimiser's weight-decay sum, a gradient) is new memory to fault in on every
+# step, while chunks below the threshold are reused from the heap (docs/performance.md, History).
 _CHUNK_BYTES = 8 << 20
 
 
@@ -91,18 +91,17 @@ class _Pool:
 
     On CPU a fresh tensor of tens of MB is new zeroed pages every step (glibc maps tensors
     above 32 MiB afresh and trims the heap when large blocks are freed), and faulting them in
-    costs more than the arithmetic: ~15 ms for resnet18's 45 MB on a 2-core machine, against
-    ~3 ms to write it. The pool keeps the storage it handed out last and hands it out again
+    can cost more than the arithmetic that writes them (docs/performance.md §3). The pool keeps the storage it handed out last and hands it out again
     only when nothing else references it (the gradient was dropped by ``zero_grad`` and no one
     kept it; no autograd graph or user variable holds the last mixed weights), else a fresh one.
     So reuse is never observable. Copies and pickles of a subspace start with an empty pool.
 
     It also keeps the per-parameter gradients dL/dw that autograd hands to the backward
-    (``incoming``) until the next mix. Freed at the end of the backward, they left tens of MB
-    free at the top of the heap, glibc gave them back to the kernel, and the next backward
-    faulted them in again: ~11k page faults per resnet18 step against ~2k for the plain model,
-    which keeps its gradients until ``zero_grad``. Kept, the subspace's allocations follow the
-    plain model's pattern (0-2k faults per step); the peak is unchanged.
+    (``incoming``) until the next mix. Freed at the end of the backward, they would leave tens
+    of MB free at the top of the heap, which glibc gives back to the kernel, and the next
+    backward would fault them in again. Kept, the subspace's allocations follow the plain
+    model's pattern (a plain model keeps its gradients until ``zero_grad``); the peak is
+    unchanged.
     """
 
     def __init__(self) -> None:
@@ -259,7 +258,8 @@ class _Mix(torch.autograd.Function):
                 out[first + k] = flat
             return tuple(out)
         filled = [g if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)]
-        # public torch.cat: the private torch._C._nn.flatten_dense_tensors was no faster (docs/performance.md)
+        # public torch.cat, not torch._C._nn.flatten_dense_tensors: the same tensor, and the private
+        # call buys no measurable speed (docs/performance.md §3)
         dw = torch.cat([g.reshape(-1) for g in filled]).to(dtype).view(shape)
         if pool is not None:
             for k in needed:
