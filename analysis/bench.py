@@ -180,16 +180,16 @@ def build_variants(name: str, img_size: int, num_classes: int, variants: Sequenc
 
 # ----------------------------------------------------------------------------- timing helpers
 def _without_pool(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` run with the subspace's CPU buffer pool switched off (``subspaces.subspace._POOLING``):
+    """``fn`` run with the subspace's CPU buffer pool switched off (``subspaces.subspace.POOLING``):
     every mixed weight set and anchor gradient is then a fresh allocation, as without the pool."""
     from subspaces import subspace as core
 
     def run() -> None:
-        previous, core._POOLING = core._POOLING, False
+        previous, core.POOLING = core.POOLING, False
         try:
             fn()
         finally:
-            core._POOLING = previous
+            core.POOLING = previous
     return run
 
 
@@ -198,7 +198,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
     if amp is None or amp == "none":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -217,7 +217,7 @@ class Trainer:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.amp):
+        with autocast_for(self.device, self.amp):
             loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.opt.step()
@@ -501,13 +501,13 @@ def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> d
 
     @torch.no_grad()
     def subspace_points() -> None:
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             for t in ts:
                 curve(x, point=t)
 
     @torch.no_grad()
     def plain_models() -> None:
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             for m in plains:
                 m(x)
 
@@ -517,14 +517,14 @@ def bench_points(name: str, args: argparse.Namespace, device: torch.device) -> d
     coeffs = ss.point_coefficients(curve, ts.tolist())
 
     def curve_eval() -> None:
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             ss.evaluate_coefficients(curve, coeffs, batches)
 
     @torch.no_grad()
     def plain_eval() -> None:   # what evaluate_coefficients computes per point and batch, for N plain models
         nll = torch.zeros(len(plains), dtype=torch.float64)
         correct = torch.zeros(len(plains), dtype=torch.float64)
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             for bx, by in batches:
                 for i, m in enumerate(plains):
                     probs = torch.softmax(m(bx).float(), dim=-1)
@@ -577,12 +577,12 @@ def bench_ensemble(name: str, args: argparse.Namespace, device: torch.device) ->
 
     @torch.no_grad()
     def one_pass() -> None:
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             ensemble(x)
 
     @torch.no_grad()
     def separate() -> None:
-        with _autocast(device, args.amp):
+        with autocast_for(device, args.amp):
             total = None
             for m in members:
                 p = torch.softmax(m(x).float(), -1)

@@ -2,7 +2,7 @@
 
 For every model (``--models``) and variant (``--variants``: plain, line, simplex) this builds, in
 ONE process, two ``subspaces.Trainer`` runners on the same synthetic data and init (the loop of
-``analysis/loop_bench.py``: one unit is one ``_train_epoch``, no evaluation or checkpoint):
+``analysis/loop_bench.py``: one unit is one ``train_epoch``, no evaluation or checkpoint):
 
     eager:<variant>      TrainConfig(torchcompile=None)
     compiled:<variant>   TrainConfig(torchcompile=--backend, torchcompile_mode=--mode)

@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 15, item 5): one script, one JSON, under 8 minutes on an H200.
+"""The prepared GPU check: one script, one JSON, under 8 minutes on an H200.
 
 Three parts, each timed and written to the JSON even if a later one fails:
 
@@ -96,9 +96,9 @@ def trainer_sync(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
     line = ss.Line(timm.create_model(cfg["trainer_model"], num_classes=10), seed=0)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         trainer = ss.Trainer.create(config, line, data, output=Path(tmp))
-        trainer._setup()
+        trainer.setup()
         signals = StopSignals(announce=False)
-        trainer._train_epoch(0, signals)   # warm-up epoch: allocator, cuDNN autotuning, first-call work
+        trainer.train_epoch(0, signals)   # warm-up epoch: allocator, cuDNN autotuning, first-call work
         cuda = torch.cuda.is_available() and cfg["device"] == "cuda"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -107,7 +107,7 @@ def trainer_sync(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
                 torch.cuda.set_sync_debug_mode("warn")
             t0 = time.perf_counter()
             try:
-                trainer._train_epoch(1, signals)
+                trainer.train_epoch(1, signals)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
@@ -141,7 +141,7 @@ def compile_check(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
     y = torch.randint(0, 10, (cfg["compile_batch"],), generator=g).to(device)
 
     def step() -> None:
-        with bench._autocast(device, amp):
+        with bench.autocast_for(device, amp):
             loss = F.cross_entropy(compiled(x), y)
         loss.backward()
         opt.step()
@@ -156,7 +156,7 @@ def compile_check(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
     stats_after_warmup = dict(counters["stats"])
     error, previous = None, dynamo.config.error_on_recompile
     dynamo.config.error_on_recompile = True
-    points_before = line._steps
+    points_before = line.points_drawn
     t0 = time.perf_counter()
     try:
         for _ in range(cfg["compile_steps"]):
@@ -171,7 +171,7 @@ def compile_check(cfg: dict[str, Any], amp: str) -> dict[str, Any]:
     frames_after = dict(counters["frames"])
     recompiles = sum(frames_after.values()) - sum(frames_after_warmup.values())
     return {
-        "backend": cfg["backend"], "warmup_steps": warm, "steps": cfg["compile_steps"], "points_drawn": line._steps - points_before,
+        "backend": cfg["backend"], "warmup_steps": warm, "steps": cfg["compile_steps"], "points_drawn": line.points_drawn - points_before,
         "frames_after_warmup": frames_after_warmup, "frames_after": frames_after, "stats_after_warmup": stats_after_warmup,
         "stats_after": dict(counters["stats"]), "graph_breaks": dict(counters["graph_break"]),
         "new_frames_after_warmup": recompiles, "error": error, "first_steps_s": first_s, "steady_s": steady_s,

@@ -12,7 +12,7 @@ data (``--train-size`` examples of ``--img-size`` px, ``--batch-size``) and the 
     minimal:line    the minimal loop on ``ss.Line(model)``: its forward draws a fresh point per
                     step; with ``--beta`` the same cos^2 regulariser is added in both loops
 
-and times one epoch each (the Trainer's ``_train_epoch``: the loop, its device-side loss /
+and times one epoch each (the Trainer's ``train_epoch``: the loop, its device-side loss /
 accuracy / non-finite bookkeeping, its log-interval check-in and epoch-end reduction; neither
 loop evaluates or checkpoints). After ``--warmup`` epochs of every runner they are interleaved
 (``for rep: for runner in shuffled(runners): one epoch``), so slow phases of a shared machine hit
@@ -136,15 +136,15 @@ class _CachedUnwrap(ss.Trainer):
 
 
 class TrainerLoop:
-    """``subspaces.Trainer`` set up as ``fit`` does; one unit is one ``_train_epoch``."""
+    """``subspaces.Trainer`` set up as ``fit`` does; one unit is one ``train_epoch``."""
 
     def __init__(self, model: nn.Module, data: DataBundle, config: ss.TrainConfig, output: Path, cls: type = ss.Trainer) -> None:
         self.trainer = cls.create(config, model, data, output=output)
-        self.trainer._setup()
+        self.trainer.setup()
         self.signals = StopSignals(announce=False)   # not entered: never requested
 
     def epoch(self, epoch: int) -> None:
-        self.trainer._train_epoch(epoch, self.signals)
+        self.trainer.train_epoch(epoch, self.signals)
 
 
 def ratio_of_medians(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:

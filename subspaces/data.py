@@ -12,8 +12,8 @@ Decisions callers must know
 * Every image goes through timm's ``create_transform`` (its config from
   ``resolve_data_config``, with the dataset's size, mean and std given explicitly): the
   in-memory uint8 Fashion-MNIST / CIFAR arrays become PIL images per item. At the native
-  size without augmentation a tensor is ``(x / 255 - mean) / std``, exactly as before timm
-  did the work.
+  size without augmentation a tensor is exactly ``(x / 255 - mean) / std`` of the uint8
+  array.
 * Fashion-MNIST / CIFAR images whose native size (28 / 32) differs from the
   requested ``img_size`` are **resized** (PIL bilinear, antialiased, on the uint8 image,
   so rounded to uint8 before normalisation), never padded.

@@ -10,7 +10,7 @@
 A subspace that lists its simplices (an attribute ``simplices``: tuples of anchor indices, as
 :class:`subspaces.complex.SimplicialComplex` has) gets each volume term summed over its
 simplices, ``sum_s log Vol_s`` and ``sum_s log(Vol_s^2 + eps)``, and the reference likewise
-``sum_s log(Vol0_s^2 + eps)``; every other subspace is one simplex of all its anchors, as before.
+``sum_s log(Vol0_s^2 + eps)``; every other subspace is one simplex of all its anchors.
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ def layout_for(opt: str, layer_decay: float | None = None) -> str:
 _PIECE_NUMEL = 1 << 16   # mean elements per parameter tensor above which backward goes tensor by tensor
 # Anchors are stored in flat chunks of at most this size. Larger tensors are slow on CPU: glibc
 # serves allocations above 32 MiB with fresh mmapped pages each time, so every temporary of
-# that size (the optimiser's weight-decay sum, a gradient) costs page faults: SGD over one
-# 45 MB tensor took 22 ms against 12 ms over 8 MiB chunks (resnet18, 2 cores).
+# that size (the optimiser's weight-decay sum, a gradient) is new memory to fault in on every
+# step, while chunks below the threshold are reused from the heap (docs/performance.md, History).
 _CHUNK_BYTES = 8 << 20
 
 
@@ -91,18 +91,17 @@ class _Pool:
 
     On CPU a fresh tensor of tens of MB is new zeroed pages every step (glibc maps tensors
     above 32 MiB afresh and trims the heap when large blocks are freed), and faulting them in
-    costs more than the arithmetic: ~15 ms for resnet18's 45 MB on a 2-core machine, against
-    ~3 ms to write it. The pool keeps the storage it handed out last and hands it out again
+    can cost more than the arithmetic that writes them (docs/performance.md §3). The pool keeps the storage it handed out last and hands it out again
     only when nothing else references it (the gradient was dropped by ``zero_grad`` and no one
     kept it; no autograd graph or user variable holds the last mixed weights), else a fresh one.
     So reuse is never observable. Copies and pickles of a subspace start with an empty pool.
 
     It also keeps the per-parameter gradients dL/dw that autograd hands to the backward
-    (``incoming``) until the next mix. Freed at the end of the backward, they left tens of MB
-    free at the top of the heap, glibc gave them back to the kernel, and the next backward
-    faulted them in again: ~11k page faults per resnet18 step against ~2k for the plain model,
-    which keeps its gradients until ``zero_grad``. Kept, the subspace's allocations follow the
-    plain model's pattern (0-2k faults per step); the peak is unchanged.
+    (``incoming``) until the next mix. Freed at the end of the backward, they would leave tens
+    of MB free at the top of the heap, which glibc gives back to the kernel, and the next
+    backward would fault them in again. Kept, the subspace's allocations follow the plain
+    model's pattern (a plain model keeps its gradients until ``zero_grad``); the peak is
+    unchanged.
     """
 
     def __init__(self) -> None:
@@ -157,8 +156,9 @@ def _pooling_available() -> bool:
     return False
 
 
-#: the CPU buffer pool is used (see :class:`_Pool`); ``analysis/bench.py --pool both`` times it off
-_POOLING = _pooling_available()
+#: whether the CPU buffer pool is used (see :class:`_Pool`): a switch, set False to turn it off
+#: (same results, slower on the CPU); ``analysis/bench.py --pool both`` times both
+POOLING = _pooling_available()
 
 
 def _lerp_steps(coeffs: Tensor) -> Tensor | None:
@@ -258,7 +258,8 @@ class _Mix(torch.autograd.Function):
                 out[first + k] = flat
             return tuple(out)
         filled = [g if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)]
-        # public torch.cat: the private torch._C._nn.flatten_dense_tensors was no faster (docs/performance.md)
+        # public torch.cat, not torch._C._nn.flatten_dense_tensors: the same tensor, and the private
+        # call buys no measurable speed (docs/performance.md §3)
         dw = torch.cat([g.reshape(-1) for g in filled]).to(dtype).view(shape)
         if pool is not None:
             for k in needed:
@@ -377,11 +378,11 @@ class Subspace(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module to wrap, got {type(model).__name__}")
         if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
+            raise ConfigError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
         if sampling == "arc_length" and not self._is_curve():
-            raise ValueError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
+            raise ConfigError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
         if arc_length_every < 1:
-            raise ValueError(f"arc_length_every must be >= 1, got {arc_length_every}")
+            raise ConfigError(f"arc_length_every must be >= 1, got {arc_length_every}")
         if layout not in LAYOUTS:
             raise ConfigError(f"layout={layout!r} is not one of {LAYOUTS}")
         self.layout = layout
@@ -399,7 +400,7 @@ class Subspace(nn.Module):
         self.model = copy.deepcopy(model)
         self._groups = self._layout(self.model, include, exclude)
         if not self._groups:
-            raise ValueError(
+            raise ConfigError(
                 "no parameter matched include=/exclude=: the subspace would be empty; check the "
                 f"patterns against the model's parameter names (e.g. {self._first_names(model)})"
             )
@@ -487,7 +488,7 @@ class Subspace(nn.Module):
             try:
                 flat = torch.cat([params[n].detach().reshape(-1) for n in g.names])
             except KeyError as err:
-                raise ValueError(f"model has no parameter {err.args[0]!r} that the subspace needs") from err
+                raise ConfigError(f"model has no parameter {err.args[0]!r} that the subspace needs") from err
             out.append(flat.reshape(g.storage_shape()).clone())
         return out
 
@@ -495,7 +496,7 @@ class Subspace(nn.Module):
         if endpoints is not None:
             return self._connect_sources([self._flatten(m) for m in endpoints])
         if not (init == "reinit" or callable(init)):
-            raise ValueError(f"init={init!r}: use 'reinit' or a callable init(model)")
+            raise ConfigError(f"init={init!r}: use 'reinit' or a callable init(model)")
         original = dict(model.named_parameters())
         wanted = {n for g in self._groups for n in g.names}
         sources, shuffled = [], set()
@@ -547,6 +548,12 @@ class Subspace(nn.Module):
         if self.sampling == "arc_length":
             return self.coefficients(self._sample_arc_length())
         return self.coefficients(self.sample(self.generator))
+
+    @property
+    def points_drawn(self) -> int:
+        """Points drawn by training forwards so far (one per forward, or one set per forward for
+        layerwise sampling); saved in the state_dict, so it continues after a resume."""
+        return self._steps
 
     def set_point(self, point: Point | None) -> None:
         """Fix the point used by every forward (train or eval) until ``set_point(None)``."""
@@ -611,7 +618,7 @@ class Subspace(nn.Module):
         out: list[Any] = []
         steps = _lerp_steps(coeffs)
         pools: dict[str, _Pool] | None = None
-        if pieces and pooled and _POOLING and not torch.compiler.is_compiling():
+        if pieces and pooled and POOLING and not torch.compiler.is_compiling():
             pools = self.__dict__.setdefault("_pools", {})
         try:
             for g in self._groups:

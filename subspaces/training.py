@@ -324,8 +324,8 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     updates: int = 0
     examples_seen: int = 0     # by this rank in this process
-    volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in _setup from the seed
-    mixer: Any = None   # timm's Mixup (--mixup / --cutmix), built in _setup
+    volume_reference: float | None = None   # [B]'s log(Vol0^2 + eps), drawn once in setup from the seed
+    mixer: Any = None   # timm's Mixup (--mixup / --cutmix), built in setup
     _soft_target_loss: nn.Module = field(default_factory=SoftTargetCrossEntropy, init=False, repr=False)
     progress: TrainingProgress = field(default_factory=TrainingProgress)   # saved as JSON in each checkpoint
     _net: nn.Module | None = field(default=None, init=False, repr=False)   # the prepared model unwrapped, once
@@ -351,7 +351,10 @@ class Trainer:
             return self._net
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Build the optimiser, the batch mixer and the loaders and hand them to accelerate's
+        ``prepare``; :meth:`fit` calls it first, and a benchmark that times :meth:`train_epoch`
+        alone calls it once itself."""
         a, accelerator = self.args, self.accelerator
         self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
                                              layer_decay=a.layer_decay)
@@ -432,7 +435,7 @@ class Trainer:
         same order). Returns ``{"epochs_done", "finished"}``.
         """
         a, accelerator, out = self.args, self.accelerator, self.output
-        self._setup()
+        self.setup()
         start, position = 0, None
         metrics_path = out / "metrics.jsonl"
         ckpt = latest_checkpoint(out) if resume else None
@@ -456,7 +459,7 @@ class Trainer:
         try:
             with StopSignals(announce=accelerator.is_main_process) as signals:
                 for epoch in range(start, stop):
-                    self._train_epoch(epoch, signals, position if epoch == start else None)
+                    self.train_epoch(epoch, signals, position if epoch == start else None)
                     last = epoch + 1 == a.epochs
                     record = self.history[-1]
                     if last or (epoch + 1) % a.eval_every == 0:
@@ -489,7 +492,7 @@ class Trainer:
         flag = torch.full((), float(signals.requested is not None), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
-    def _train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
+    def train_epoch(self, epoch: int, signals: StopSignals, position: dict[str, Any] | None = None) -> None:
         """One epoch, from batch ``position["step"]`` on when resuming a stopped one.
 
         The step has no host synchronisation: each step's loss and predicted classes stay on the

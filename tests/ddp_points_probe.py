@@ -4,7 +4,7 @@
 Trains a line on a Fashion-MNIST slice through the Python API, several variants one after the
 other in this process: S = 3 with and without gradient accumulation (2 micro-batches), each as the
 Trainer does it and "forced" to all-reduce every backward (``accelerator.no_sync`` replaced by a
-null context: the loop before issue #27.4). A DDP communication hook wrapping torch's default
+null context: the reference loop, without ``no_sync``). A DDP communication hook wrapping torch's default
 all-reduce hook records, for every bucket it all-reduces, the update being computed and the
 bucket's index. Rank 0 writes ``OUT/<variant>_init.pt`` and ``OUT/<variant>.pt`` (the initial and
 final parameters), every rank ``OUT/<variant>_rank<r>.json`` (the hook's calls, the updates and
@@ -35,8 +35,8 @@ class CountingTrainer(ss.Trainer):
 
     calls: list[tuple[int, int]]
 
-    def _setup(self) -> None:
-        super()._setup()
+    def setup(self) -> None:
+        super().setup()
         self.calls = []
 
         def hook(state: Any, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -69,7 +69,7 @@ def main() -> int:
             _backward(loss, **kwargs)
 
         trainer.accelerator.backward = counted
-        if name.endswith("_forced"):   # every backward all-reduces, as before #27.4
+        if name.endswith("_forced"):   # every backward all-reduces: the reference
             trainer.accelerator.no_sync = lambda model: contextlib.nullcontext()
         trainer.fit()
         rank = trainer.accelerator.process_index

@@ -266,7 +266,7 @@ def test_trainer_steps_on_soft_targets_and_keeps_hard_label_smoothing(tmp_path, 
     logits, y = torch.randn(6, 10), torch.tensor([0, 1, 2, 3, 4, 5])
     soft = F.one_hot(y, 10).float() * 0.5 + F.one_hot(y.flip(0), 10).float() * 0.5
     assert torch.equal(trainer._loss(logits, soft), SoftTargetCrossEntropy()(logits, soft))
-    assert torch.equal(trainer._loss(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1)), "without mixing: as before"
+    assert torch.equal(trainer._loss(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1)), "without mixing: cross-entropy with label smoothing"
 
 
 def test_train_recipe_with_mixup_end_to_end(tmp_path):

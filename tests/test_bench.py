@@ -138,13 +138,13 @@ def _line_steps(steps: int = 2):
 
 
 def test_the_buffer_pool_is_on_and_reuses_the_mixed_weights_between_steps():
-    """Fails when the pooled fast path silently stops being taken (issue 15, item 4)."""
+    """Fails when the pooled fast path silently stops being taken."""
     import torch
 
     from subspaces import subspace as core
 
     assert callable(getattr(torch._C, "_storage_Use_Count", None)), "this torch lacks the call the pool needs: see docs/performance.md"
-    assert core._POOLING, "torch has _storage_Use_Count but the pool is off"
+    assert core.POOLING, "torch has _storage_Use_Count but the pool is off"
     line, pointers = _line_steps(3)
     assert pointers[0], "no pooled mixed weights after a CPU training step: the pooled path was not taken"
     assert pointers[1] == pointers[2], "the pool handed out fresh storage although nothing else held the last one"
@@ -161,7 +161,7 @@ def test_a_torch_without_the_pool_call_warns_and_turns_the_pool_off(monkeypatch)
     monkeypatch.delattr(torch._C, "_storage_Use_Count")
     with pytest.warns(RuntimeWarning, match="buffer pool is off"):
         assert core._pooling_available() is False
-    monkeypatch.setattr(core, "_POOLING", False)
+    monkeypatch.setattr(core, "POOLING", False)
     _, pointers = _line_steps(2)   # still trains, without pooled buffers
     assert pointers == [{}, {}]
 
@@ -188,13 +188,13 @@ def test_evaluation_mixes_each_point_once_per_pass_with_the_same_bits(monkeypatc
     calls.clear()
     states_b = ss.bn_statistics(curve, coeffs, batches, mix_cache_bytes=0)
     per_batch = ss.evaluate_coefficients(curve, coeffs, batches, bn_states=states_b, mix_cache_bytes=0)
-    assert len(calls) == 2 * 4 * 3   # no budget: mixed per batch, as before
+    assert len(calls) == 2 * 4 * 3   # no budget: mixed once per batch
     assert torch.equal(cached.loss, per_batch.loss) and torch.equal(cached.acc, per_batch.acc)
     for a, b in zip(states.states, states_b.states):
         for name in a:
             for buf in a[name]:
                 assert torch.equal(a[name][buf], b[name][buf])
-    with curve.at(0.3):   # after the passes forwards still mix as before
+    with curve.at(0.3):   # after the passes, forwards still mix their point
         curve.eval()(batches[0][0])
 
 

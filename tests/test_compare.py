@@ -230,12 +230,23 @@ def test_the_protocol_is_the_same_under_any_launcher(compare_runs, tmp_path, lau
 
 @pytest.mark.parametrize("preset", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_are_valid_compare_configs(preset):
+    import re
+
     from subspaces.config import parse_with_config
 
     args = CompareConfig(**vars(parse_with_config(_recipe("compare").build_parser(), ["-c", str(preset)], CompareConfig.field_names())))
-    text = preset.read_text()
+    lines = preset.read_text().splitlines()
+    header = " ".join(line.lstrip("# ") for line in lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))])
     assert args.model and args.epochs >= 1 and args.output.startswith("runs/")
-    assert "ime" in text.split("\n\n")[0] or "timed" in text, "a preset names its expected time"
+    # The header states the work, "N x E [epochs] x S [images] = W M training images", with the
+    # preset's own epochs and arithmetic that holds, and then a measured time or "not timed".
+    work = re.search(r"(\d+) x (\d+)(?: epochs)? x ([\d,]+)(?: images)? = ([\d.]+) M training images", header)
+    assert work, f"{preset.name}: the header states its work as 'N x E x S = W M training images'"
+    budgets, epochs, images, millions = int(work[1]), int(work[2]), int(work[3].replace(",", "")), float(work[4])
+    assert epochs == args.epochs, f"{preset.name}: the work figure uses {epochs} epochs, the preset {args.epochs}"
+    assert budgets * epochs * images == pytest.approx(millions * 1e6, rel=1e-3), f"{preset.name}: the work figure's arithmetic"
+    assert (re.search(r"\b\d+(?:\.\d+)?\s*(?:s|min|minutes|h|hours)\b", header)
+            or "not timed here" in header), f"{preset.name}: the header names its expected time or says it is not timed"
 
 
 def test_the_plan_is_a_pure_function_of_the_settings():

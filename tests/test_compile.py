@@ -1,4 +1,4 @@
-"""Compiled training (issue 28, item 1): ``--torchcompile`` / ``accelerate launch --dynamo_backend``.
+"""Compiled training: ``--torchcompile`` / ``accelerate launch --dynamo_backend``.
 
 The Trainer's loop runs a compiled model with no recompile for plain networks, lines, simplexes,
 layerwise points and mixup; a compiled run stopped and resumed ends bit-identical to one that

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import subspaces as ss
+from subspaces.errors import ConfigError
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -131,13 +132,13 @@ def test_connect_timm_models_with_different_num_classes():
         (lambda: ss.Simplex.connect([mlp()]), ValueError, "at least 2 vertices"),
         (lambda: ss.Simplex.connect([]), ValueError, "at least one model"),
         (lambda: ss.Simplex.connect([mlp()], new_vertices=-1), ValueError, "new_vertices=-1"),
-        (lambda: ss.Line(mlp(), include=["encoder.*"]), ValueError, "no parameter matched"),
-        (lambda: ss.Line(mlp(), exclude=["*"]), ValueError, "no parameter matched"),
+        (lambda: ss.Line(mlp(), include=["encoder.*"]), ConfigError, "no parameter matched"),
+        (lambda: ss.Line(mlp(), exclude=["*"]), ConfigError, "no parameter matched"),
         (lambda: ss.Line(mlp(), exclude="2.*"), TypeError, "list of patterns"),
-        (lambda: ss.Line(mlp(), sampling="per_layer"), ValueError, "sampling='per_layer'"),
-        (lambda: ss.Simplex(mlp(), sampling="arc_length"), ValueError, "curves"),
-        (lambda: ss.Simplex.connect([mlp(1), mlp(2)], new_vertices=1, sampling="arc_length"), ValueError, "curves"),
-        (lambda: ss.Line(mlp(), init="xavier"), ValueError, "init='xavier'"),
+        (lambda: ss.Line(mlp(), sampling="per_layer"), ConfigError, "sampling='per_layer'"),
+        (lambda: ss.Simplex(mlp(), sampling="arc_length"), ConfigError, "curves"),
+        (lambda: ss.Simplex.connect([mlp(1), mlp(2)], new_vertices=1, sampling="arc_length"), ConfigError, "curves"),
+        (lambda: ss.Line(mlp(), init="xavier"), ConfigError, "init='xavier'"),
         (lambda: ss.Line("not a model"), TypeError, "nn.Module"),
     ],
 )

@@ -8,8 +8,8 @@ accumulation only the last backward of the last micro-batch of an update all-red
 
 tests/ddp_points_probe.py trains each variant with a DDP communication hook (torch's default
 all-reduce, wrapped to record the update and the bucket of each call); "forced" variants replace
-``accelerator.no_sync`` with a null context, which is the loop as it was before (every backward
-all-reduces): the reference for the update and for the counter.
+``accelerator.no_sync`` with a null context, a loop in which every backward all-reduces: the
+reference for the update and for the counter.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ def test_history_holds_the_sums_of_the_steps(tmp_path, data, monkeypatch, shape)
         return value
 
     monkeypatch.setattr(training.Trainer, "_loss", recording)
-    trainer._setup()   # as fit does, then two epochs without evaluation or checkpoints
+    trainer.setup()   # as fit does, then two epochs without evaluation or checkpoints
     for epoch in range(2):
-        trainer._train_epoch(epoch, StopSignals(announce=False))
+        trainer.train_epoch(epoch, StopSignals(announce=False))
     assert [n for _, _, n in steps] == [16, 16, 16, 16, 6] * 2
     for epoch, record in enumerate(trainer.history):
         mine = steps[5 * epoch: 5 * epoch + 5]

@@ -92,7 +92,7 @@ def _trainer(tmp_path, data, shape: str, **config):
 def test_no_host_read_between_log_intervals(tmp_path, data, monkeypatch, shape, config):
     reads, checks = HostReads(), []
     trainer = _trainer(tmp_path, data, shape, **config)
-    train_epoch, check_in, evaluate_now, save = (training.Trainer._train_epoch, training.Trainer._check_in,
+    train_epoch, check_in, evaluate_now, save = (training.Trainer.train_epoch, training.Trainer._check_in,
                                                  training.Trainer.evaluate_now, training.Trainer._save)
 
     def counting_epoch(self, *args, **kwargs):
@@ -110,7 +110,7 @@ def test_no_host_read_between_log_intervals(tmp_path, data, monkeypatch, shape, 
                 return method(self, *args, **kwargs)
         return run
 
-    monkeypatch.setattr(training.Trainer, "_train_epoch", counting_epoch)
+    monkeypatch.setattr(training.Trainer, "train_epoch", counting_epoch)
     monkeypatch.setattr(training.Trainer, "_check_in", paused(check_in, checks))
     monkeypatch.setattr(training.Trainer, "evaluate_now", paused(evaluate_now))
     monkeypatch.setattr(training.Trainer, "_save", paused(save))
@@ -150,9 +150,17 @@ def test_a_stop_request_finishes_the_step_and_resumes_exactly(tmp_path, data):
 
     stopped = _trainer(tmp_path, data, "line", epochs=2, beta=1.0)
     stopped.on_update = preempt
-    with pytest.raises(Preempted, match=r"SIGTERM at epoch 2, step 3 of 10 \(update 13\): checkpoint written"):
-        stopped.fit()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+    def outer_handler(signum, frame):   # a handler of the caller's, distinct from any default
+        raise AssertionError("the outer handler must not receive the stop request")
+
+    original = signal.signal(signal.SIGTERM, outer_handler)
+    try:
+        with pytest.raises(Preempted, match=r"SIGTERM at epoch 2, step 3 of 10 \(update 13\): checkpoint written"):
+            stopped.fit()
+        assert signal.getsignal(signal.SIGTERM) is outer_handler, "fit() did not restore the previous SIGTERM handler"
+    finally:
+        signal.signal(signal.SIGTERM, original)
     resumed = _trainer(tmp_path, data, "line", epochs=2, beta=1.0)
     assert resumed.fit(resume=True) == {"epochs_done": 2, "finished": True}
     for (name, a), (_, b) in zip(reference.unwrapped.state_dict().items(), resumed.unwrapped.state_dict().items()):

@@ -1,4 +1,4 @@
-"""Tests of the mixing hot path (issue 6): chunked flat anchors, the lerp chain for convex
+"""Tests of the mixing hot path: chunked flat anchors, the lerp chain for convex
 coefficients, and storage reuse on CPU that must never be observable."""
 
 from __future__ import annotations

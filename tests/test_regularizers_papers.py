@@ -139,7 +139,7 @@ def test_simplex_recipe_uses_benton_form_and_several_points_per_batch(tmp_path):
     assert "volume_form: benton" in cfg and "samples_per_step: 3" in cfg and "volume_lambda: 1.0e-06" in cfg
     sub = ss.io.load_subspace(out / "simplex0" / "vertex1")
     updates = checkpoint_progress(out / "simplex0" / "vertex1")["updates"]
-    assert sub._steps == 3 * updates, "each batch should draw 3 points, one forward each"
+    assert sub.points_drawn == 3 * updates, "each batch should draw 3 points, one forward each"
 
 
 def test_samples_per_step_needs_a_subspace(tmp_path):

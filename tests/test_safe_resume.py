@@ -1,4 +1,4 @@
-"""Resuming a run folder never runs code stored in it (issue 27, item 1).
+"""Resuming a run folder never runs code stored in it.
 
 A run folder is shared between people and machines, and its manifest catches damage, not
 forgery: anyone who edits the folder can update the digests. So every file a resume reads must

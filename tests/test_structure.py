@@ -49,17 +49,37 @@ def test_no_import_cycles_and_no_function_level_package_imports():
             visit(module, [module])
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(text: str) -> list[str]:
+    """Private names a script imports from subspaces, or reads / writes as attributes (``x._y``,
+    ``getattr(x, "_y")``): on the library's objects, its modules, or a sibling script's."""
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("subspaces"):
+            found += [f"line {node.lineno}: imports {a.name} from {node.module}" for a in node.names if _private(a.name)]
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in {"getattr", "setattr", "hasattr", "delattr"}
+                and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and _private(str(node.args[1].value))):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
 def test_analysis_scripts_use_the_public_api():
     for path in sorted((REPO / "analysis").glob("*.py")):
         text = path.read_text()
         assert "sys.path" not in text, f"{path.name} edits sys.path: the installed package is what it imports"
-        tree = ast.parse(text)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("subspaces"):
-                private = [a.name for a in node.names if a.name.startswith("_")]
-                assert not private, f"{path.name} imports private names {private} from {node.module}"
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
-                assert node.attr not in {"_groups", "_fixed", "_mix", "_materialize"}, f"{path.name} reads the private {node.attr}"
+        assert not _private_uses(text), f"{path.name} uses private names: {_private_uses(text)}"
+
+
+def test_the_public_api_check_catches_private_uses():
+    for source in ("t.setup()\nt._train_epoch(0)\n", "core._POOLING = False\n", "n = getattr(line, '_steps')\n",
+                   "from subspaces.subspace import _Pool\n"):
+        assert _private_uses(source), source
+    assert not _private_uses("t.setup()\nt.train_epoch(0)\nsuper().__init__()\nfrom subspaces import Line\n")
 
 
 def test_analysis_scripts_run_as_scripts_from_any_folder(tmp_path):
