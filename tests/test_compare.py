@@ -338,7 +338,8 @@ def test_same_command_same_cells_under_jobs_1_and_2_with_a_killed_member_resumed
     digest = results["data"]["train_digest"]
     records = sorted((one / "seed0").glob("*/data.json")) + sorted((one / "seed1").glob("*/data.json"))
     records += sorted((one / "seed0").glob("spro*/vertex*/data.json"))
-    assert len(records) >= 2 * 10
+    # per seed: ind0, ind1, sse, fge, line1B, simplex1B; seed 0's SPRO stages: 2 simplexes x 2 added vertices
+    assert len(records) == 2 * 6 + 4
     assert {json.loads(p.read_text())["train_digest"] for p in records} == {digest}
     assert {json.loads(p.read_text())["holdout_digest"] for p in records} == {results["data"]["holdout_digest"]}
     for out in (one, two):
