@@ -240,12 +240,14 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
     import torch
 
     from subspaces.bn import update_bn
-    from subspaces.compare import OFFSETS
+    from subspaces.compare import SEED_STRIDE
+    from subspaces.compare_eval import draw_seed
     from subspaces.ensembles import subspace_points
     from subspaces.io import load_model, load_subspace
     from subspaces.snapshots import list_snapshots, swa_average
 
     rows = cmp.rows
+    replicate_seed = int(cmp.protocol["seed"]) + SEED_STRIDE * int(seed_dir.name.removeprefix("seed"))
 
     def members_at(row: str) -> dict[str, int]:
         return {b: int(c["members"]) for b, c in sorted(rows.get(row, {}).items(), key=lambda kv: int(kv[0][:-1]))}
@@ -287,7 +289,7 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
             passes.append(Pass(f"Line {b}", makers, samples, subsets, {b: samples}, "Line"))
         if b in rows.get("Simplex centre", {}):
             sim = load_subspace(seed_dir / f"simplex{k}B").to(device)
-            gen = torch.Generator().manual_seed(int(cmp.protocol["seed"]) + k)   # the compare's draws
+            gen = torch.Generator().manual_seed(draw_seed("simplex", replicate_seed, k))   # the compare's draws
             draws = subspace_points(sim, "random", samples, gen)
             V = sim.num_anchors
             points = [*draws, None, *subspace_points(sim, "ends")]
@@ -305,7 +307,7 @@ def plan_passes(cmp: Compare, seed_dir: Path, bn_loader: Any, bn_batches: int, d
         makers = []
         for j in range(n // samples):
             sim = load_subspace(seed_dir / f"spro{j}" / f"vertex{V - 1}").to(device)
-            gen = torch.Generator().manual_seed(int(cmp.protocol["seed"]) + OFFSETS["espro"] + j)   # the compare's draws
+            gen = torch.Generator().manual_seed(draw_seed("espro", replicate_seed, j))   # the compare's draws
             makers += [lambda p=p, sub=sim: sub.export(p, bn_loader=bn_loader, bn_batches=bn_batches)
                        for p in subspace_points(sim, "random", samples, gen)]
         passes.append(Pass("ESPRO", makers, n, {("ESPRO", b): list(range(m)) for b, m in espro.items()}, dict(espro), "ESPRO"))
@@ -388,7 +390,8 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     dataset = proto.get("dataset") or spec.get("dataset") or "fashion-mnist"
     data = build_datasets(dataset, root=args.data_dir or proto.get("data_dir"), img_size=spec.get("img_size"),
                           in_chans=spec.get("in_chans"), train_subset=proto.get("train_subset"), eval_subset=eval_subset,
-                          holdout=int(proto.get("holdout") or 0), seed=int(proto["seed"]), model=first)
+                          holdout=int(proto.get("holdout") or 0), model=first,
+                          seed=int(proto["data_seed"] if proto.get("data_seed") is not None else proto["seed"]))
     del first
     batch = args.batch_size or int(cmp.config.get("eval_batch_size") or 500)
     eval_loader = Tracked(make_loader(data.eval, batch, shuffle=False, num_workers=args.workers))

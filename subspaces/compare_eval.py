@@ -78,6 +78,12 @@ def point_key(point: Tensor) -> str:
     return "p=" + ",".join(f"{float(v):.4f}" for v in p)
 
 
+def draw_seed(kind: str, replicate_seed: int, index: int) -> int:
+    """The seed of the random points a replicate evaluates on a shape (``kind`` "simplex": the
+    simplex trained at budget ``index``; "espro": the SPRO simplex of Ind network ``index``)."""
+    return int(replicate_seed) + OFFSETS[kind] + int(index)
+
+
 def member_networks(name: str, folder: Path, plan: Plan, samples: int, seed: int, bn: Any, bn_batches: int
                     ) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
     """The networks member ``name`` (its run folder ``folder``) contributes to the table, as
@@ -106,7 +112,7 @@ def member_networks(name: str, folder: Path, plan: Plan, samples: int, seed: int
     elif name.startswith("spro"):
         j = int(name[4:])
         sim = load_subspace(folder / f"vertex{plan.espro_vertices - 1}")
-        gen = torch.Generator().manual_seed(seed + OFFSETS["espro"] + j)
+        gen = torch.Generator().manual_seed(draw_seed("espro", seed, j))
         for i, p in enumerate(subspace_points(sim, "random", samples, gen)):
             yield f"sample{i}", at(sim, p)
     elif name.startswith(("line", "layerwise")):
@@ -120,7 +126,7 @@ def member_networks(name: str, folder: Path, plan: Plan, samples: int, seed: int
         yield "centre", at(sim, None)
         for i, p in enumerate(subspace_points(sim, "ends")):
             yield f"vertex{i}", at(sim, p)
-        gen = torch.Generator().manual_seed(seed + OFFSETS["simplex"] + k)
+        gen = torch.Generator().manual_seed(draw_seed("simplex", seed, k))
         for i, p in enumerate(subspace_points(sim, "random", samples, gen)):
             yield f"sample{i}", at(sim, p)
     else:
