@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps([c.to_dict() for c in claims], indent=1))
         else:
-            print("\n".join(render_claims(claims, len(list(Path(args.run).glob(f"seed*/{PREDICTIONS}"))))))
+            replicates = len(list(Path(args.run).glob(f"seed*/{PREDICTIONS}")))
+            print("\n".join(render_claims(claims, replicates, "validation" if args.split == "val" else "test")))
 
     return cli.run(job)
 

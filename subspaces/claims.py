@@ -131,8 +131,9 @@ def _number(metric: str, value: float) -> str:
     return f"{value:+.2f}" if metric == "error" else f"{value:+.4f}"
 
 
-def render_claims(claims: Sequence[Claim], replicates: int) -> list[str]:
-    """Markdown lines: one bullet per claim with its verdict and each part's paired difference and interval."""
+def render_claims(claims: Sequence[Claim], replicates: int, split: str = "test") -> list[str]:
+    """Markdown lines: one bullet per claim with its verdict and each part's paired difference and
+    interval; ``split`` names the examples the intervals resample ("test" or "validation")."""
     if not claims:
         return ["No claim could be checked: the run lacks the rows they compare."]
     lines = []
@@ -142,7 +143,7 @@ def render_claims(claims: Sequence[Claim], replicates: int) -> list[str]:
             f"{_number(p.metric, p.difference.hi)}]" + (" (reported)" if p.informative else f" {p.verdict}")
             for p in c.parts)
         lines.append(f"- ({c.key}) {c.statement} ({c.source}): **{c.verdict}**. {parts}")
-    seeds = f"{replicates} replicates and the test examples" if replicates > 1 else "the test examples"
+    seeds = f"{replicates} replicates and the {split} examples" if replicates > 1 else f"the {split} examples"
     lines.append(f"Differences are method - reference (error in points, NLL in nats) with 95 % paired bootstrap intervals over "
                  f"{seeds}; held: the interval lies below 0, contradicted: above 0, otherwise not resolved at this scale.")
     return lines

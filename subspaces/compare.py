@@ -184,7 +184,7 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
                   "Per-member training seconds: " + "; ".join(f"seed{r}: " + ", ".join(f"{k} {v:.0f}" for k, v in rep["train_seconds"].items())
                                                             for r, rep in enumerate(per_seed))]
         budget_figure(table, plan.budgets, out / FIGURE, title)
-        md_claims = claim_lines + (["", "The same claims on the validation split:", ""] + render_claims(val_claims, len(runners))[:-1]
+        md_claims = claim_lines + (["", "The same claims on the validation split:", ""] + render_claims(val_claims, len(runners), "validation")[:-1]
                                    if val_claims else [])
         (out / "results.md").write_text(render_markdown(title, table, plan.budgets, len(seeds), lines, footer, md_claims, FIGURE))
         (out / "results.csv").write_text(render_csv(per_seed, table, seeds, claims))
