@@ -346,7 +346,7 @@ def test_same_command_same_cells_under_jobs_1_and_2_with_a_killed_member_resumed
         assert (out / "results.png").stat().st_size > 10_000
         preds = load_file(str(out / "seed1" / "predictions.safetensors"))
         assert preds["test/labels"].shape == (64,) and preds["val/labels"].shape == (32,)
-        assert preds["test/ESPRO@2B"].shape == (64, 10) and preds["test/ESPRO@2B"].dtype == torch.float16
+        assert preds["test/ESPRO@2B"].shape == (64, 10) and preds["test/ESPRO@2B"].dtype == torch.float32
         assert preds["test/Single network@1B"].shape == (2, 64, 10)
         table = json.loads((out / "results.json").read_text())["table"]
         assert {"val_error", "error_lo", "error_hi", "nll_lo", "nll_hi"} <= set(table["ESPRO"]["1B"])
