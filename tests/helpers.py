@@ -171,3 +171,41 @@ def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, what: str) -> Non
     assert list(pa) == list(pb), f"{what}: parameter names differ"
     different = [n for n in pa if not torch.equal(pa[n], pb[n])]
     assert not different, f"{what}: parameters differ: {different[:5]}"
+
+
+#: runs a recipe with a crash injected: ``python DRIVER MODE N RECIPE ARGS...``; MODE kill_step (SIGKILL
+#: at loss call N), nan (loss NaN from call N), term (SIGTERM in the middle of call N), kill_save
+#: (SIGKILL inside save_checkpoint, after accelerate's files)
+CRASH_DRIVER = r'''
+import os, runpy, signal, sys
+mode, n, recipe, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+import torch
+from subspaces import training
+
+def die():
+    sys.stdout.flush(); sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode in ("kill_step", "nan", "term"):
+    original, calls = training.Trainer._loss, [0]
+    def _loss(self, logits, y):
+        calls[0] += 1
+        loss = original(self, logits, y)
+        if calls[0] >= n:
+            if mode == "kill_step":
+                die()
+            if mode == "term":   # a scheduler's preemption notice, delivered in the middle of step n
+                if calls[0] == n:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return loss
+            return loss * float("nan")
+        return loss
+    training.Trainer._loss = _loss
+elif mode == "kill_save":   # inside save_checkpoint, after accelerate's model, optimiser and RNG files
+    from subspaces import checkpoint
+    def write_training_state(*a, **k):
+        die()
+    checkpoint.write_training_state = write_training_state
+sys.argv = [recipe, *argv]
+runpy.run_path(recipe, run_name="__main__")
+'''

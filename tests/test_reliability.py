@@ -1,6 +1,6 @@
 """Crashes lose nothing: kill -9 mid-epoch and mid-save, a NaN loss, a full disk, damaged files.
 
-The crashes are made deterministic by a driver (``DRIVER`` below) that monkeypatches the training
+The crashes are made deterministic by a driver (``helpers.CRASH_DRIVER``) that monkeypatches the training
 process before running ``recipes/train.py`` through runpy:
 
 - ``kill_step N``: SIGKILL inside ``Trainer._loss`` at its N-th call (step 2 of epoch 2);
@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import BATCH, STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
+from helpers import BATCH, CRASH_DRIVER, STEPS_PER_EPOCH, TINY, read_metrics, recipe_cmd, run
 import subspaces.checkpoint
 from subspaces import io as ssio
 from subspaces.checkpoint import (
@@ -52,39 +52,7 @@ LINE = ["--subspace", "line", *TINY, "--epochs", "2"]
 #: the loss call (1-based) that is step 2 of epoch 2
 STEP = STEPS_PER_EPOCH + 2
 
-DRIVER = r'''
-import os, runpy, signal, sys
-mode, n, recipe, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-import torch
-from subspaces import training
 
-def die():
-    sys.stdout.flush(); sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if mode in ("kill_step", "nan", "term"):
-    original, calls = training.Trainer._loss, [0]
-    def _loss(self, logits, y):
-        calls[0] += 1
-        loss = original(self, logits, y)
-        if calls[0] >= n:
-            if mode == "kill_step":
-                die()
-            if mode == "term":   # a scheduler's preemption notice, delivered in the middle of step n
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return loss
-            return loss * float("nan")
-        return loss
-    training.Trainer._loss = _loss
-elif mode == "kill_save":   # inside save_checkpoint, after accelerate's model, optimiser and RNG files
-    from subspaces import checkpoint
-    def write_training_state(*a, **k):
-        die()
-    checkpoint.write_training_state = write_training_state
-sys.argv = [recipe, *argv]
-runpy.run_path(recipe, run_name="__main__")
-'''
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +78,7 @@ def _assert_equal_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 def crashes(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
     driver = root / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(CRASH_DRIVER)
     ref, killed, nan, damaged, term = root / "ref", root / "killed", root / "nan", root / "damaged", root / "term"
     ns = types.SimpleNamespace(ref=ref, killed=killed, nan=nan, damaged=damaged, term=term, res={}, snap={})
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 
-from helpers import STEPS_PER_EPOCH, TINY, recipe_cmd, run
+from helpers import CRASH_DRIVER, STEPS_PER_EPOCH, TINY, recipe_cmd, run
 from subspaces.checkpoint import (
     TrainingProgress,
     latest_checkpoint,
@@ -44,22 +44,6 @@ from subspaces.schedules import FGESchedule, SSESchedule, garipov_schedule
 LINE = ["--subspace", "line", *TINY, "--epochs", "2"]
 #: the loss call (1-based) that is step 2 of epoch 2: SIGTERM there stops the run mid-epoch
 STEP = STEPS_PER_EPOCH + 2
-
-#: runs recipes/train.py with SIGTERM delivered in the middle of loss call ``n`` (a preemption notice)
-TERM_DRIVER = r'''
-import os, runpy, signal, sys
-n, recipe, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-from subspaces import training
-original, calls = training.Trainer._loss, [0]
-def _loss(self, logits, y):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return original(self, logits, y)
-training.Trainer._loss = _loss
-sys.argv = [recipe, *argv]
-runpy.run_path(recipe, run_name="__main__")
-'''
 
 
 class Payload:
@@ -115,12 +99,12 @@ def runs(tmp_path_factory):
     two forged folders, then resumed; the forged copies resumed too."""
     root = tmp_path_factory.mktemp("safe_resume")
     driver = root / "term_driver.py"
-    driver.write_text(TERM_DRIVER)
+    driver.write_text(CRASH_DRIVER)
     ns = types.SimpleNamespace(root=root, ref=root / "ref", term=root / "term", marker=root / "MARKER",
                                forged=root / "forged", earlier=root / "earlier", res={})
 
     def lane_term() -> None:
-        cmd = recipe_cmd("train.py")[:1] + [str(driver), str(STEP), "recipes/train.py", *LINE, "--output", str(ns.term)]
+        cmd = recipe_cmd("train.py")[:1] + [str(driver), "term", str(STEP), "recipes/train.py", *LINE, "--output", str(ns.term)]
         ns.res["term"] = run(cmd)
         if ns.res["term"].rc != 75:
             return
