@@ -39,7 +39,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $SUBSPACES_DATA, the Debian package, or the cache)")
     g.add_argument("--train-subset", type=int, default=None, help="use only N training examples (quick runs)")
     g.add_argument("--eval-subset", type=int, default=None, help="use only N evaluation examples")
-    g.add_argument("--holdout", type=int, default=0, help="hold N training examples out; BatchNorm is then recomputed on them")
+    g.add_argument("--holdout", type=int, default=0, help="hold N training examples out, never trained on (compare.py: its validation split, default 5000; "
+                        "the other recipes recompute BatchNorm on them)")
     g.add_argument("--data-seed", type=int, default=None,
                    help="seed of the --train-subset / --eval-subset / --holdout draws (default: --seed)")
     g.add_argument("-j", "--workers", type=int, default=0, help="data loader worker processes")
