@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .bn import update_bn
 from .compare_plan import OFFSETS, Plan
-from .data import DataBundle, make_loader
+from .data import DataBundle, make_loader, split_targets
 from .ensembles import subspace_points
 from .io import load_model, load_subspace
 from .metrics import metrics_from_probs
@@ -64,9 +64,9 @@ def split_loaders(data: DataBundle, batch_size: int) -> dict[str, Any]:
 
 def split_labels(data: DataBundle) -> dict[str, Tensor]:
     """The labels of each evaluated split: ``{split: [N] int64}``."""
-    out = {"test": torch.tensor([int(data.eval[i][1]) for i in range(len(data.eval))])}  # type: ignore[arg-type]
+    out = {"test": split_targets(data.eval)}
     if data.holdout is not None:
-        out["val"] = torch.tensor([int(data.holdout[i][1]) for i in range(len(data.holdout))])  # type: ignore[arg-type]
+        out["val"] = split_targets(data.holdout)
     return out
 
 

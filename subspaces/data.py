@@ -454,6 +454,16 @@ def split_digest(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def split_targets(dataset: Dataset) -> torch.Tensor:
+    """The labels of a split, [N] int64 in its order: read from the source dataset's ``targets``
+    where it has them (no image is loaded or transformed), else from its items."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, range(len(dataset)))  # type: ignore[arg-type]
+    targets = getattr(base, "targets", None)
+    if targets is not None:
+        return torch.tensor([int(targets[i]) for i in indices], dtype=torch.int64)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)  # type: ignore[arg-type]
+
+
 def data_record(bundle: DataBundle) -> dict[str, Any]:
     """Digests and sizes of a bundle's splits (:func:`split_digest`): ``train``, ``holdout``
     (the validation split, when there is one) and ``eval`` (the test split)."""
