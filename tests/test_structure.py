@@ -12,26 +12,47 @@ PACKAGE = REPO / "subspaces"
 LAZY_ALLOWED = {"torchmetrics", "torchvision", "PIL", "timm", "rich", "accelerate", "fcntl", "yaml", "matplotlib", "scipy"}
 
 
+def _module_name(path: Path) -> str:
+    """``align.spec`` for ``subspaces/align/spec.py``; a package is named by its folder."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> list[Path]:
+    """Every module of the package, subpackages included (not the package's own ``__init__``)."""
+    return sorted(p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py")
+
+
 def _package_imports(path: Path) -> tuple[set[str], list[str]]:
-    """(subspaces modules imported at module level, relative imports found inside functions)."""
+    """(subspaces modules imported at module level, relative imports found inside functions);
+    ``from .x import y`` in ``align/spec.py`` is ``align.x``, ``from ..x import y`` is ``x``, and a
+    name imported from a package (``from . import spec``) counts as its module when it is one."""
     tree = ast.parse(path.read_text())
+    here = _module_name(path).split(".")
+    base = here if path.name == "__init__.py" else here[:-1]
+    known = {_module_name(p) for p in _modules()}
     top, nested = set(), []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [a.name for a in node.names]
-            target = "top" if node in tree.body else "nested"
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            anchor = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+            if node.module:
+                names = [".".join([*anchor, node.module])]
+            else:
+                names = [".".join([*anchor, a.name]) for a in node.names]
+            names = [n if n in known else n.rsplit(".", 1)[0] if "." in n and n.rsplit(".", 1)[0] in known else n for n in names]
             for name in names:
-                (top.add(name.split(".")[0]) if target == "top" else nested.append(name))
+                (top.add(name) if node in tree.body else nested.append(name))
     return top, nested
 
 
 def test_no_import_cycles_and_no_function_level_package_imports():
     graph, nested = {}, {}
-    for path in PACKAGE.glob("*.py"):
+    for path in _modules():
         top, inner = _package_imports(path)
-        graph[path.stem] = top
+        name = _module_name(path)
+        graph[name] = top - {name}
         if inner:
-            nested[path.stem] = inner
+            nested[name] = inner
     assert not nested, f"package modules imported inside functions (import them at the top): {nested}"
     state: dict[str, int] = {}
 
@@ -107,8 +128,8 @@ def _imports_argparse(path: Path) -> bool:
 
 def test_the_library_knows_nothing_of_the_command_line():
     """Only the application layer parses flags; no library module imports it or argparse."""
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.stem in APP_MODULES:
+    for path in _modules():
+        if _module_name(path) in APP_MODULES:
             continue
         top, _ = _package_imports(path)
         assert not top & APP_MODULES, f"{path.name} imports the command-line layer {sorted(top & APP_MODULES)}"
