@@ -131,25 +131,11 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="test_resnet", help="comma-separated timm names (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
+    loop_bench.add_timing_args(p, models="test_resnet", batch_size=64, img_size=28, train_size=512, warmup=1, variants=VARIANTS)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default: %(default)s)")
     p.add_argument("--mode", default=None, help="torch.compile mode (default: torch's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--img-size", type=int, default=28)
     p.add_argument("--in-chans", type=int, default=1)
-    p.add_argument("--train-size", type=int, default=512, help="examples per epoch (default: %(default)s)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--reps", type=int, default=20, help="timed epochs per runner, interleaved (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--log-interval", type=int, default=50)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=10_000)
     p.add_argument("--warm-cache", action="store_true", help="use the inductor cache as it is (default: a fresh one, a cold first compile)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
-    p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]

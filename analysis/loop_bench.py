@@ -297,27 +297,36 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
             console.print(f"{model} {k}: {n:.1f} aten operators per step")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="test_resnet,resnet18",
-                   help=f"comma-separated timm names, or {LINEAR!r} for the fixed cost per step (default: %(default)s)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--train-size", type=int, default=256, help="examples per epoch (default: %(default)s)")
+def add_timing_args(p: argparse.ArgumentParser, *, models: str, batch_size: int, img_size: int, train_size: int, warmup: int,
+                    variants: Sequence[str], models_help: str = "comma-separated timm names") -> None:
+    """The flags every interleaved timing script of analysis/ shares: what to time, on what
+    synthetic data, how many interleaved rounds, and the bootstrap of the ratios."""
+    p.add_argument("--models", default=models, help=f"{models_help} (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(variants), help="comma-separated subset of %(default)s")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--img-size", type=int, default=img_size)
+    p.add_argument("--train-size", type=int, default=train_size, help="examples per epoch (default: %(default)s)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--reps", type=int, default=20, help="timed epochs per runner, interleaved (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--beta", type=float, default=0.0, help="cos^2 regulariser of the line in both loops (default: none)")
     p.add_argument("--log-interval", type=int, default=50, help="the Trainer's check-in interval (default: TrainConfig's)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (default: %(default)s; on a shared CPU more threads make spinning OpenMP waits the measurement)")
-    p.add_argument("--target", type=float, default=1.02, help="the ratio the verdict is against (default: %(default)s)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the rounds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    p.add_argument("--output", default=None)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_timing_args(p, models="test_resnet,resnet18", batch_size=32, img_size=32, train_size=256, warmup=2, variants=VARIANTS,
+                    models_help=f"comma-separated timm names, or {LINEAR!r} for the fixed cost per step")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.0, help="cos^2 regulariser of the line in both loops (default: none)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--target", type=float, default=1.02, help="the ratio the verdict is against (default: %(default)s)")
     p.add_argument("--diagnose", action="store_true",
                    help="also time the Trainer with accelerate's unwrap_model read once instead of every step")
     p.add_argument("--no-trim", action="store_true",
@@ -325,8 +334,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "no page faults from the heap shrinking and growing again every step")
     p.add_argument("--count-ops", action="store_true",
                    help="before timing, profile one epoch of each runner: aten operators per step, and what the Trainer adds")
-    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
-    p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
