@@ -18,6 +18,7 @@ from pathlib import Path
 
 from subspaces import cli
 from subspaces.claims import check_claims, render_claims
+from subspaces.compare import BOOTSTRAP_RESAMPLES
 from subspaces.compare_eval import PREDICTIONS, load_replicate_predictions, per_example_losses
 from subspaces.errors import ConfigError
 from subspaces.stats import Bootstrap
@@ -27,14 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="claims.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a compare output folder (holds seed0/predictions.safetensors, ...)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="the split to check the claims on (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (default: %(default)s, as the run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the bootstrap draws (default: the run's --seed, so that the run's own intervals are reproduced)")
     p.add_argument("--json", action="store_true", help="print the claims as JSON instead of text")
     return p
 
 
-def recompute(run: Path, split: str, resamples: int, seed: int) -> list:
-    """The claims of every replicate under ``run`` on ``split``."""
+def run_seed(run: Path) -> int:
+    """The ``--seed`` a finished comparison ran with (its bootstrap's seed), from its results.json."""
+    path = run / "results.json"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing: pass the output folder of a finished recipes/compare.py run, or --seed")
+    return int(json.loads(path.read_text())["protocol"]["seed"])
+
+
+def recompute(run: Path, split: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int | None = None) -> list:
+    """The claims of every replicate under ``run`` on ``split`` (bootstrap seed: the run's own by default)."""
     paths = sorted(run.glob(f"seed*/{PREDICTIONS}"), key=lambda p: int(p.parent.name.removeprefix("seed")))
     if not paths:
         raise ConfigError(f"{run} holds no seed*/{PREDICTIONS}: pass the output folder of a finished recipes/compare.py run")
@@ -43,7 +53,7 @@ def recompute(run: Path, split: str, resamples: int, seed: int) -> list:
         raise ConfigError(f"{run} has no {split} split in its predictions (a compare run with --holdout 0 has no validation split)")
     labels = loaded[0][0][split]
     budgets = sorted({k for _, rows in loaded for (_, k) in rows[split]})
-    boot = Bootstrap(len(loaded), len(labels), resamples=resamples, seed=seed)
+    boot = Bootstrap(len(loaded), len(labels), resamples=resamples, seed=run_seed(run) if seed is None else seed)
     return check_claims([rows[split] for _, rows in loaded], labels, budgets, boot, per_example_losses)
 
 

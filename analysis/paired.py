@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from subspaces import cli
+from subspaces.compare import BOOTSTRAP_RESAMPLES
 from subspaces.compare_eval import PREDICTIONS, load_replicate_predictions, per_example_losses
 from subspaces.errors import ConfigError
 from subspaces.stats import Bootstrap, paired_difference, verdict
@@ -32,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b", help="a compare output folder (may be run_a)")
     p.add_argument("row_b", help="the row compared against row_a: the difference is row_b - row_a")
     p.add_argument("--split", choices=("test", "val"), default="test", help="the split (default: %(default)s)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default: %(default)s)")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples (default: %(default)s, as the compare)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the bootstrap draws (default: run_a's --seed, as its own intervals)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -61,14 +62,19 @@ def row_losses(run: Path, row: str, split: str) -> tuple[torch.Tensor, list[dict
     return labels, out
 
 
-def compare_rows(run_a: Path, row_a: str, run_b: Path, row_b: str, split: str, resamples: int = 2000, seed: int = 0) -> dict:
-    """row_b - row_a per example (error in points, NLL in nats), paired over replicates and examples."""
+def compare_rows(run_a: Path, row_a: str, run_b: Path, row_b: str, split: str, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int | None = None) -> dict:
+    """row_b - row_a per example (error in points, NLL in nats), paired over replicates and examples;
+    the bootstrap's seed is run_a's ``--seed`` unless given."""
     labels_a, a = row_losses(run_a, row_a, split)
     labels_b, b = row_losses(run_b, row_b, split)
     if not torch.equal(labels_a, labels_b):
         raise ConfigError(f"the {split} labels of {run_a} and {run_b} differ: the runs drew other images "
                           "(use the same --data-seed, --train-subset, --eval-subset and --holdout)")
     n = min(len(a), len(b))
+    if seed is None:
+        config = run_a / "results.json"
+        seed = int(json.loads(config.read_text())["protocol"]["seed"]) if config.exists() else 0
     boot = Bootstrap(n, len(labels_a), resamples=resamples, seed=seed)
     out: dict = {"split": split, "replicates": n, "examples": len(labels_a), "a": f"{run_a}:{row_a}", "b": f"{run_b}:{row_b}"}
     for metric in ("error", "nll"):
