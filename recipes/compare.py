@@ -22,20 +22,14 @@ and finished members are reused, unfinished ones resumed.
 import argparse
 import sys
 
-from subspaces import cli, config
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, MODEL, OPTIM, RUN, build_flags, group
 from subspaces.compare import run_compare
 from subspaces.settings import CompareConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_model_args(p)
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.05, epochs=20, sched="cosine", wd=5e-4)
-    config.add_run_args(p, output="runs/compare")
-    config.add_compare_args(p)
-    p.set_defaults(model="test_resnet", train_subset=10000, eval_subset=10000, holdout=5000, batch_size=64, bn_batches=10)
-    return p
+    return build_flags(CompareConfig, __doc__, MODEL, DATA, AUGMENT, OPTIM, RUN, group("protocol", CompareConfig))
 
 
 def main(argv=None) -> int:

@@ -20,30 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from subspaces import cli, config
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, OPTIM, RUN, build_flags, group
 from subspaces.complex import run_complex
-from subspaces.settings import ComplexConfig
+from subspaces.settings import ComplexConfig, VolumeConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis" / "complex.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="*", help="the trained networks (modes): run folders or .safetensors exports, 2 or more")
-    g = p.add_argument_group("complex")
-    g.add_argument("--shared", type=int, default=2, help="shared vertices m, trained one at a time (default: %(default)s)")
-    config.add_volume_args(g, default_lambda=0.1, default_samples=5)
-    g.add_argument("--samples", type=int, default=10, help="uniform points evaluated in each simplex (default: %(default)s)")
-    g.add_argument("--ensemble-members", type=int, default=10,
-                   help="points drawn across the complex for its largest ensemble (default: %(default)s)")
-    g.add_argument("--mode-epochs", type=float, default=None,
-                   help="B, the epochs of one mode, for the cost in B (default: read from the first mode's config.yaml)")
-    g.add_argument("--grid", type=int, default=11, help="grid points per side of the plane figure; 0: no figure (default: %(default)s)")
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.005, epochs=10, sched="cosine", wd=0.0)
-    config.add_run_args(p, output="runs/complex")
-    p.set_defaults(dataset=None)
-    return p
+    return build_flags(ComplexConfig, __doc__, group(None, "checkpoints"),
+                       group("complex", "shared", VolumeConfig, "samples", "ensemble_members", "mode_epochs", "grid"),
+                       DATA, AUGMENT, OPTIM, RUN)
 
 
 def figure(args: ComplexConfig) -> int:

@@ -12,29 +12,15 @@ half, then linear decay to 1% by 90% of training.
 import argparse
 import sys
 
-from subspaces import cli, config
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, OPTIM, RUN, STOP, build_flags, group
 from subspaces.connect import run_connect
 from subspaces.settings import ConnectConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_a", help="first network: a run folder or a .safetensors export")
-    p.add_argument("model_b", help="second network (same architecture)")
-    g = p.add_argument_group("curve")
-    g.add_argument("--curve", default="bezier", choices=["bezier", "polychain"], help="curve family (default: %(default)s)")
-    g.add_argument("--degree", type=int, default=None, help="Bezier degree (default 2)")
-    g.add_argument("--bends", type=int, default=None, help="polygonal chain bends (default 1)")
-    g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="t sampling (default: uniform per forward)")
-    g.add_argument("--same-point", action="store_true", help="under DDP, the same t on every rank")
-    g.add_argument("--align", action=argparse.BooleanOptionalAction, default=False,
-                   help="permute B's hidden units to match A first (weight matching; B's function unchanged); details in alignment.json")
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.015, epochs=20, sched="garipov", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G] fitted curves")
-    config.add_run_args(p, output="runs/connect")
-    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    p.set_defaults(dataset=None)
-    return p
+    return build_flags(ConnectConfig, __doc__, group(None, "model_a", "model_b"),
+                       group("curve", "curve", "degree", "bends", "sampling", "same_point", "align"), DATA, AUGMENT, OPTIM, RUN, STOP)
 
 
 def main(argv=None) -> int:

@@ -16,21 +16,15 @@ snapshots averaged in weight space, BatchNorm recomputed).
 import argparse
 import sys
 
-from subspaces import cli, config
-from subspaces.settings import FGEConfig
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, OPTIM, RUN, STOP, build_flags, group
+from subspaces.settings import FGEConfig, SnapshotConfig
 from subspaces.snapshots import run_fge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", default=None, help="trained network: a run folder of recipes/train.py, or a .safetensors export")
-    config.add_snapshot_args(p, "fge")
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.05, epochs=4, sched="none", wd=5e-4, opt="momentum", opt_why=", plain momentum SGD as [G]'s FGE")
-    config.add_run_args(p, output="runs/fge")
-    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    p.set_defaults(dataset=None)
-    return p
+    return build_flags(FGEConfig, __doc__, group(None, "checkpoint"), group("FGE", SnapshotConfig, "lr_max", "lr_min"),
+                       DATA, AUGMENT, OPTIM, RUN, STOP)
 
 
 def main(argv=None) -> int:

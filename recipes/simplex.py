@@ -13,23 +13,15 @@ ESPRO: one simplex per network, predictions averaged over points sampled from al
 import argparse
 import sys
 
-from subspaces import cli, config
-from subspaces.settings import SPROConfig
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, OPTIM, RUN, build_flags, group
+from subspaces.settings import SPROConfig, VolumeConfig
 from subspaces.spro import run_spro
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="trained networks: run folders or .safetensors exports")
-    g = p.add_argument_group("simplex")
-    g.add_argument("--vertices", type=int, default=3, help="vertices of each simplex, the trained network included (default: %(default)s)")
-    config.add_volume_args(g, default_lambda=1e-6, default_samples=5)
-    g.add_argument("--samples", type=int, default=5, help="points sampled from each simplex for its ensemble (default: %(default)s)")
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.01, epochs=10, sched="cosine", wd=5e-4)
-    config.add_run_args(p, output="runs/simplex")
-    p.set_defaults(dataset=None)
-    return p
+    return build_flags(SPROConfig, __doc__, group(None, "checkpoints"), group("simplex", "vertices", VolumeConfig, "samples"),
+                       DATA, AUGMENT, OPTIM, RUN)
 
 
 def main(argv=None) -> int:

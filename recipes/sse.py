@@ -10,20 +10,14 @@ after 1..M snapshots (probabilities averaged).
 import argparse
 import sys
 
-from subspaces import cli, config
-from subspaces.settings import SSEConfig
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, MODEL, OPTIM, RUN, STOP, build_flags, group
+from subspaces.settings import SnapshotConfig, SSEConfig
 from subspaces.snapshots import run_sse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_model_args(p)
-    config.add_snapshot_args(p, "sse")
-    config.add_data_args(p)
-    config.add_optim_args(p, lr=0.05, epochs=12, sched="none", wd=5e-4)
-    config.add_run_args(p, output="runs/sse")
-    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    return p
+    return build_flags(SSEConfig, __doc__, MODEL, group("SSE", SnapshotConfig, "lr_max"), DATA, AUGMENT, OPTIM, RUN, STOP)
 
 
 def main(argv=None) -> int:

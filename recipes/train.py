@@ -8,20 +8,14 @@
 import argparse
 import sys
 
-from subspaces import cli, config
+from subspaces import cli
+from subspaces.cli_flags import AUGMENT, DATA, MODEL, OPTIM, RUN, STOP, SUBSPACE, build_flags
 from subspaces.settings import TrainRunConfig
 from subspaces.training import run_training
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_model_args(p)
-    config.add_data_args(p)
-    config.add_optim_args(p)
-    config.add_subspace_args(p)
-    config.add_run_args(p, output="runs/train")
-    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop (resumably) after this many epochs of this job")
-    return p
+    return build_flags(TrainRunConfig, __doc__, MODEL, DATA, AUGMENT, OPTIM, SUBSPACE, RUN, STOP)
 
 
 def main(argv=None) -> int:

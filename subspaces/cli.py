@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .config import parse_with_config
+from .cli_flags import parse_with_config
 from .errors import PREEMPTED_STATUS, CheckpointError, ConfigError, MemberFailed, NonFiniteLossError, Preempted
 from .run_folder import RESOLVED_KEY, read_config
 from .settings import Settings

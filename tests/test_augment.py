@@ -206,12 +206,9 @@ def test_bad_mixing_values_name_the_flag(field, value, message):
 
 
 def test_flags_map_onto_augmentation_and_the_settings():
-    import argparse
+    from subspaces.cli_flags import AUGMENT, DATA, build_flags
 
-    from subspaces import config
-
-    p = argparse.ArgumentParser()
-    config.add_data_args(p)
+    p = build_flags(ss.TrainRunConfig, None, DATA, AUGMENT)
     args = p.parse_args(["--hflip", "0.25", "--color-jitter", "0.3", "--train-crop-mode", "rrc", "--scale", "0.5", "1",
                          "--mixup", "0.8", "--cutmix", "1", "--mixup-mode", "pair"])
     assert augmentation_from(args) == Augmentation(hflip=0.25, color_jitter=0.3, train_crop_mode="rrc", scale=(0.5, 1.0))

@@ -232,7 +232,7 @@ def test_the_protocol_is_the_same_under_any_launcher(compare_runs, tmp_path, lau
 def test_presets_are_valid_compare_configs(preset):
     import re
 
-    from subspaces.config import parse_with_config
+    from subspaces.cli_flags import parse_with_config
 
     args = CompareConfig(**vars(parse_with_config(_recipe("compare").build_parser(), ["-c", str(preset)], CompareConfig.field_names())))
     lines = preset.read_text().splitlines()

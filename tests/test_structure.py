@@ -117,7 +117,7 @@ def test_analysis_scripts_run_as_scripts_from_any_folder(tmp_path):
 
 
 #: the application layer: command-line parsing, YAML flags, the process entry points
-APP_MODULES = {"cli", "config", "compare_worker"}
+APP_MODULES = {"cli", "cli_flags", "compare_worker"}
 
 
 def _imports_argparse(path: Path) -> bool:
