@@ -107,13 +107,27 @@ def run(job: Callable[[], Any]) -> int:
     return 0
 
 
+class StdoutHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stdout`` as it is when a message is emitted, not as it
+    was when the handler was made: a caller that replaces stdout (a test's capture, a redirect)
+    gets the messages, and none is written to a stream closed since."""
+
+    @property   # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:   # StreamHandler.__init__ assigns it; the current stdout is always used
+        pass
+
+
 def show_messages() -> None:
     """Send the library's messages (``logging`` under "subspaces", INFO, the main process only
     through accelerate's logger) to stdout as plain lines, unless the program configured them."""
     log = logging.getLogger("subspaces")
     if log.handlers:
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
