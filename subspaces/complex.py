@@ -51,8 +51,10 @@ from .subspace import Point, Subspace, layout_for
 from .checkpoint import has_checkpoint
 from .compare_progress import StageProgress
 from .run_folder import make_accelerator, prepare_run, read_config, save_config
-from .settings import POINT_SEED_STRIDE, ComplexConfig
-from .training import Trainer, bn_loader, build_data_for_spec
+from .settings import ComplexConfig
+from .evaluation import bn_loader
+from .models import build_data_for_spec, point_seed
+from .training import Trainer
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -341,7 +343,7 @@ def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data:
             stages.end(stage.name, reused=True)
             continue
         if sub is None:
-            sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + POINT_SEED_STRIDE * accelerator.process_index,
+            sub = SimplicialComplex.connect(modes, shared=1, seed=point_seed(args.seed, accelerator.process_index),
                                             layout=layout_for(args.opt, args.layer_decay))
         else:
             sub.add_shared_vertex()

@@ -24,8 +24,11 @@ from .subspace import layout_for
 from .checkpoint import has_checkpoint
 from .compare_progress import StageProgress
 from .run_folder import make_accelerator, prepare_run, save_config
-from .settings import POINT_SEED_STRIDE, SPROConfig
-from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
+from .settings import SPROConfig
+from .evaluation import bn_loader
+from .models import build_data_for_spec, point_seed
+from .reporting import results_table
+from .training import Trainer, finish_run
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -47,7 +50,7 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
             stages.end(stage.name, reused=True)
             continue
         if sub is None:
-            seed = args.seed + 1000 * index + POINT_SEED_STRIDE * accelerator.process_index
+            seed = point_seed(args.seed + 1000 * index, accelerator.process_index)
             sub = Simplex.connect([base], new_vertices=1, seed=seed, layout=layout_for(args.opt, args.layer_decay))
         else:
             sub.add_vertex()
