@@ -17,6 +17,7 @@ from torch import nn
 from .augment import augmentation_from
 from .data import DataBundle, build_datasets, infer_input_spec
 from .errors import ConfigError
+from .init import rebuilding_init
 from .shape_registry import get_shape
 from .subspace import layout_for
 from .settings import POINT_SEED_STRIDE, DataConfig, DataRun, ModelConfig, ModelRun, TrainRunConfig
@@ -28,17 +29,20 @@ def point_seed(seed: int, rank: int) -> int:
     return seed + POINT_SEED_STRIDE * rank
 
 
-def create_timm_model(args: ModelConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict[str, Any]]:
-    """``timm.create_model`` from the settings; ``img_size`` goes to models that take one (ViTs)."""
+def create_timm_model(args: ModelConfig, num_classes: int, in_chans: int, pretrained: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` from the settings, and the kwargs it was given beyond num_classes /
+    in_chans; ``img_size`` goes to models that take one (ViTs). ``pretrained``: instead of
+    ``args.pretrained`` (False: a fresh random initialisation)."""
+    pretrained = args.pretrained if pretrained is None else pretrained
     kwargs = dict(args.model_kwargs or {})
     if args.img_size is not None and "img_size" not in kwargs:
         try:
-            model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=in_chans, img_size=args.img_size, **kwargs)
+            model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, img_size=args.img_size, **kwargs)
             kwargs["img_size"] = args.img_size
             return model, kwargs
         except TypeError:
             pass
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     return model, kwargs
 
 
@@ -113,15 +117,21 @@ def build_data_for_spec(args: DataRun, spec: dict[str, Any], model: nn.Module) -
 
 
 def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.Module:
-    """The model itself (``subspace`` "none") or a subspace of it learned from scratch; each rank
-    draws its own points (seed + POINT_SEED_STRIDE x rank) unless ``same_point``."""
+    """The model itself (``subspace`` "none") or a subspace of it learned from scratch, its anchors
+    drawn with the model's own initialisation (:func:`subspaces.init.reinitialize`, rebuilding
+    it from ``args`` where timm initialises in ``__init__``); each rank draws its own points
+    (:func:`point_seed`) unless ``same_point``."""
     if args.subspace == "none":
         return model
     seed = args.seed if args.same_point else point_seed(args.seed, rank)
     sampling = "layerwise" if args.layerwise else args.sampling
     layout = layout_for(args.opt, args.layer_decay)
+    init: Any = "reinit"
+    if not callable(getattr(model, "init_weights", None)):   # timm initialised it in __init__: build it again, with the run's kwargs
+        num_classes, in_chans = int(getattr(model, "num_classes")), infer_input_spec(model)[0] or 3
+        init = rebuilding_init(lambda: create_timm_model(args, num_classes, in_chans, pretrained=False)[0])
     return get_shape(args.subspace).cls(model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
-                                        layout=layout, **args.shape_kwargs())
+                                        layout=layout, init=init, **args.shape_kwargs())
 
 
 def compile_model(model: nn.Module, backend: str | None, mode: str | None = None) -> nn.Module:
