@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from subspaces import cli, config
-from subspaces.complex import run_complex
+from subspaces.complex_run import run_complex
 from subspaces.settings import ComplexConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis" / "complex.py"

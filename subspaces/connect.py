@@ -8,7 +8,7 @@ from accelerate.logging import get_logger
 
 from .align import align, example_batch
 from .errors import ConfigError
-from .io import load_model, write_json
+from .io import load_model, load_model_with_spec, write_json
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
@@ -23,12 +23,11 @@ logger = get_logger(__name__)   # messages of the main process (accelerate's mul
 
 def run_connect(args: ConnectConfig) -> dict[str, Any]:
     """Load both ends, build the curve, train its interior anchors, evaluate and export."""
-    model_a, model_b = load_model(args.model_a), load_model(args.model_b)
+    (model_a, spec), model_b = load_model_with_spec(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([model_a, model_b])
     except ValueError as err:
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
-    spec = dict(model_a.spec)
     with prepare_run(args) as run:
         data = build_data_for_spec(args, spec, model_a)
         if args.align:   # B permuted to match A (weight matching): the same function, a shorter segment

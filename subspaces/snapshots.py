@@ -37,7 +37,7 @@ from .bn import update_bn
 from .checkpoint import has_checkpoint, optimizer_state_file
 from .errors import ConfigError
 from .data import DataBundle, make_loader
-from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
+from .io import CheckpointError, load_model, load_model_with_spec, resolve_model_path, save_model, write_json
 from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
 from .run_folder import describe_input, make_accelerator, prepare_run, write_run_config
@@ -326,8 +326,8 @@ def run_fge(args: FGEConfig) -> dict[str, Any]:
     """The whole of ``recipes/fge.py``: load the trained network and its optimiser state, run the
     cyclical schedule, save snapshots, evaluate the ensemble and SWA."""
     model_path, opt_path = find_pretrained(args.checkpoint)
-    start = load_model(model_path)
-    spec = {k: v for k, v in start.spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
+    start, start_spec = load_model_with_spec(model_path)
+    spec = {k: v for k, v in start_spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
     with prepare_run(args) as run:
         accelerator, out = run.accelerator, run.out
         data = build_data_for_spec(args, spec, start)
