@@ -16,6 +16,7 @@ from torch import nn
 
 from .augment import augmentation_from
 from .data import DataBundle, build_datasets, infer_input_spec
+from .input_spec import required_img_size
 from .errors import ConfigError
 from .init import rebuilding_init
 from .shape_registry import get_shape
@@ -55,7 +56,9 @@ def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[st
     """Dataset (sized for the model) and a fresh timm model, plus the spec that recreates it.
 
     Normalisation: the dataset's mean / std, or with ``pretrained`` the model's pretrained_cfg
-    ones (timm's ``resolve_data_config``), which its weights were trained with."""
+    ones (timm's ``resolve_data_config``), which its weights were trained with. The dataset is
+    built once to learn its classes and channels, again only where the model changes it
+    (:func:`needs_model_config`) and once more where the model needs larger images."""
     common = dict(root=args.data_dir, img_size=args.img_size, train_subset=args.train_subset,
                   eval_subset=args.eval_subset, holdout=args.holdout, seed=data_seed(args), augment=augmentation_from(args))
     data = build_datasets(args.dataset, in_chans=args.in_chans, **common)
@@ -66,7 +69,8 @@ def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[st
     if args.pretrained:   # pretrained weights expect the inputs they were trained on: their own mean / std
         stats = timm.data.resolve_data_config({}, model=model)
         common.update(mean=stats["mean"], std=stats["std"])
-    data = build_datasets(args.dataset, in_chans=args.in_chans or data.in_chans, model=model, **common)
+    if needs_model_config(args, model, data):
+        data = build_datasets(args.dataset, in_chans=args.in_chans or data.in_chans, model=model, **common)
     if args.img_size is None and not accepts_input(model, data.in_chans, data.img_size):
         size = infer_input_spec(model)[1]
         if size is None or not accepts_input(model, data.in_chans, size):
@@ -78,6 +82,16 @@ def build_data_and_model(args: ModelRun) -> tuple[DataBundle, nn.Module, dict[st
     spec = {"model": args.model, "num_classes": num_classes, "in_chans": data.in_chans, "model_kwargs": kwargs,
             "img_size": data.img_size, "mean": list(data.mean), "std": list(data.std), "dataset": args.dataset}
     return data, model, spec
+
+
+def needs_model_config(args: ModelRun, model: nn.Module, data: DataBundle) -> bool:
+    """Whether ``data``, built without the model, differs from the dataset built for ``model``:
+    with ``pretrained`` (the weights' own mean / std), for an image folder (its transforms follow
+    the model's data config), or for a model that insists on another input size (a strict ViT).
+    Fashion-MNIST and CIFAR give timm every field of their data config, so the model adds nothing."""
+    if args.pretrained or args.dataset.startswith("imagefolder:"):
+        return True
+    return args.img_size is None and required_img_size(model) not in (None, data.img_size)
 
 
 def check_input_size(model: nn.Module, img_size: int | None, name: str) -> None:

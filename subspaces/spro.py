@@ -33,6 +33,15 @@ from .training import finish_run
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
+#: the fields of a model spec that decide the dataset built for it (:func:`build_data_for_spec`)
+INPUT_FIELDS = ("dataset", "img_size", "in_chans", "mean", "std")
+
+
+def same_inputs(spec: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two networks of one architecture are trained on the same dataset built for ``spec``."""
+    return all(spec.get(key) == other.get(key) for key in INPUT_FIELDS)
+
+
 def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int, data: DataBundle | None = None) -> Simplex:
     """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``.
     ``data``: the images to train on (default: the base network's dataset drawn as ``args`` say)."""
@@ -61,8 +70,9 @@ def run_spro(args: SPROConfig) -> dict[str, Any]:
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
         run.record(dict(spec))
-        simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
-        data = build_data_for_spec(args, dict(spec), bases[0])
+        data = build_data_for_spec(args, dict(spec), bases[0])   # shared by every simplex whose network saw the same inputs
+        simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i, data=data if same_inputs(own, spec) else None)
+                     for i, (p, (_, own)) in enumerate(zip(args.checkpoints, loaded))]
         bn = bn_loader(data, args.batch_size)
         eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
         results: dict[str, dict[str, float]] = {}
