@@ -41,7 +41,7 @@ def test_a_convnext_anchor_keeps_its_own_head_init_scale():
 def test_reinitialize_rebuilds_a_convnext_as_told():
     torch.manual_seed(0)
     model = timm.create_model("test_convnext", num_classes=10, head_init_scale=0.01)
-    before = model.head.fc.weight.clone()
+    before = model.head.fc.weight.detach().clone()
     reinitialize(model, rebuild=lambda: timm.create_model("test_convnext", num_classes=10, head_init_scale=0.01))
     assert not torch.equal(model.head.fc.weight, before)
     assert 1 / 1.5 < _head_std(model) / float(before.std()) < 1.5
