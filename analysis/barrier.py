@@ -59,7 +59,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
     from subspaces.align import align
     from subspaces.barrier import curve_barriers, segment_barriers
-    from subspaces.io import load_model
+    from subspaces.io import load_model, load_model_with_spec
     from subspaces.shapes import Curve, check_same_architecture
 
     common.check_eval_args(args)
@@ -68,7 +68,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     timer = common.Timer()
     png, js = common.output_paths(args.output)
     device = common.device_of(args)
-    a, b = load_model(args.model_a), load_model(args.model_b)
+    (a, spec_a), b = load_model_with_spec(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([a, b])
     except ValueError as err:
@@ -80,7 +80,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             raise ConfigError(f"{run} holds a {type(sub).__name__}, not a curve: --curve needs a connect run (Bezier or PolyChain)")
         curves.append((run, sub.to(device)))
     a, b = a.to(device), b.to(device)
-    bundle = common.build_data(a.spec, args)
+    bundle = common.build_data(spec_a, args)
     loaders = common.loaders(bundle, args)
     evals = {name: loaders[name] for name in DATASETS}
     kw = dict(bn_loader=loaders["bn"], bn_batches=args.bn_batches, points=args.points)

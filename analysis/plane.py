@@ -118,7 +118,7 @@ def grid_coefficients(basis: dict, xs, ys):
 # ------------------------------------------------------------------------------------ inputs
 def load_plane(inputs: list[str], curve: str):
     """(subspace with anchors A, THETA, B, curve coefficient function or None, labels, spec)."""
-    from subspaces.io import load_model
+    from subspaces.io import load_model_with_spec
     from subspaces.shapes import Bezier, PolyChain, Simplex, check_same_architecture
 
     if len(inputs) == 1:
@@ -131,7 +131,8 @@ def load_plane(inputs: list[str], curve: str):
         return sub, sub.coefficients, {"A": "$w_1$", "THETA": r"$\theta$", "B": "$w_2$", "curve": f"learned {name}"}, sub.spec
     if len(inputs) != 3:
         raise ConfigError(f"plane.py takes one connect run folder or three models A THETA B, got {len(inputs)} inputs")
-    models = [load_model(path) for path in inputs]
+    loaded = [load_model_with_spec(path) for path in inputs]
+    models = [model for model, _ in loaded]
     try:
         check_same_architecture(models)
     except ValueError as err:
@@ -142,7 +143,7 @@ def load_plane(inputs: list[str], curve: str):
     if curve != "none":
         fn = quadratic_bezier if curve == "bezier" else one_bend_chain
         labels["curve"] = "quadratic Bezier through them" if curve == "bezier" else "1-bend chain through them"
-    return sub, fn, labels, models[0].spec
+    return sub, fn, labels, loaded[0][1]
 
 
 def quadratic_bezier(t):

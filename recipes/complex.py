@@ -22,7 +22,7 @@ from pathlib import Path
 
 from subspaces import cli
 from subspaces.cli_flags import AUGMENT, DATA, OPTIM, RUN, build_flags, group
-from subspaces.complex import run_complex
+from subspaces.complex_run import run_complex
 from subspaces.settings import ComplexConfig, VolumeConfig
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis" / "complex.py"

@@ -21,7 +21,7 @@ whatever their current volumes.
 [B]'s code regularises ``total_volume()`` = the volume of simplex 0 only (its sum over simplices
 is commented out); here the volume term is summed over every simplex
 (:func:`subspaces.regularizers.volume_penalty` reads ``simplices``), so that no mode's simplex is
-favoured. :func:`run_complex` trains the shared vertices one at a time as [B]'s
+favoured. :func:`subspaces.complex_run.run_complex` trains the shared vertices one at a time as [B]'s
 ``complex_iterative.py`` does: each new one starts at the centroid of all current vertices,
 joins every simplex, and the earlier ones are frozen; the first is trained without the volume
 term (its simplices are edges mode_i - shared_0, whose length the term would only push apart).
@@ -29,32 +29,18 @@ term (its simplices are edges mode_i - shared_0, whose length the term would onl
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
-from accelerate.logging import get_logger
 
-from .data import make_loader
 from .errors import CheckpointError, ConfigError
-from .io import create_model, load_model, load_weights_into, write_json, write_weights
-from .pointwise import evaluate_points
+from .io import create_model, load_weights_into, write_weights
 from .shapes import check_same_architecture
-from .subspace import Point, Subspace, layout_for
-from .checkpoint import has_checkpoint
-from .compare_progress import StageProgress
-from .run_folder import make_accelerator, prepare_run, read_config, save_config
-from .settings import POINT_SEED_STRIDE, ComplexConfig
-from .training import Trainer, bn_loader, build_data_for_spec
-
-logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
+from .subspace import Point, Subspace
 
 #: coordinates below this count as zero when deciding which simplex holds a point
 SUPPORT_TOL = 1e-6
@@ -235,197 +221,3 @@ def load_complex(path: str | Path) -> SimplicialComplex:
         sub.freeze_anchor(k)
     sub.spec = spec  # type: ignore[assignment]
     return sub
-
-
-# ---------------------------------------------------------------------------------------- the recipe
-def mode_epochs(paths: Sequence[str], override: float | None) -> float | None:
-    """B, the epochs of one mode: ``override``, else the ``epochs`` of the first mode's run folder
-    config.yaml (None when the modes are bare .safetensors files without one)."""
-    if override is not None:
-        return float(override)
-    for path in paths:
-        folder = Path(path) if Path(path).is_dir() else Path(path).parent
-        for cfg in (folder / "config.yaml", folder.parent / "config.yaml"):
-            if cfg.exists():
-                epochs = read_config(str(cfg)).get("epochs")
-                if isinstance(epochs, (int, float)) and epochs > 0:
-                    return float(epochs)
-    return None
-
-
-def complex_cost(modes: int, shared: int, epochs: int, samples_per_step: int, base_epochs: float | None) -> dict[str, Any]:
-    """Training cost of the shared vertices, counted as the compare protocol counts ESPRO:
-    m E s epochs of one network's forward/backward passes (m shared vertices, E epochs each, s
-    points per batch); in B (one mode's epochs) that is m E s / B, and k + m E s / B with the modes."""
-    passes = shared * epochs * samples_per_step
-    out: dict[str, Any] = {"shared_vertex_epochs": shared * epochs, "points_per_batch": samples_per_step,
-                           "gradient_epochs": passes, "mode_epochs_B": base_epochs}
-    if base_epochs:
-        out.update({"complex_cost_B": passes / base_epochs, "total_cost_B": modes + passes / base_epochs, "ind_cost_B": float(modes)})
-    return out
-
-
-def _summary(errors: Tensor, nll: Tensor) -> dict[str, float]:
-    """Mean / std / min / max of per-point errors and the mean NLL of N points: Tensor[N] each."""
-    e = errors.double()
-    return {"points": int(e.numel()), "error_mean": float(e.mean()), "error_std": float(e.std()) if e.numel() > 1 else 0.0,
-            "error_min": float(e.min()), "error_max": float(e.max()), "nll_mean": float(nll.double().mean()),
-            "nll_max": float(nll.double().max())}
-
-
-def evaluate_complex(sub: SimplicialComplex, eval_loader: Any, bn: Any, *, samples: int, members: int, seed: int,
-                     bn_batches: int | None) -> dict[str, Any]:
-    """Test error and NLL of the vertices, of ``samples`` uniform points of each simplex, of all of
-    them together, and of ensembles: the first n of ``members`` points drawn across the complex
-    (simplex ~ U, Dirichlet(1) in it) against Ind(n), the first n modes, for n = 1..k, and the
-    ``members``-point complex ensemble. BatchNorm is recomputed at every point (one pass each over
-    ``bn`` and ``eval_loader`` for all points); draws come from a generator seeded with ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    k, K = sub.modes, sub.num_anchors
-    per = [sub.sample_simplex(i, gen, n=samples) for i in range(k)]    # k x [S, K]
-    across = sub.sample(gen, n=members)                                  # [M, K]
-    coeffs = torch.cat([torch.eye(K), *per, across])
-    first_across = K + k * samples
-    sizes = sorted({*range(1, k + 1), members})
-    groups = [list(range(n)) for n in range(1, k + 1)] + [list(range(first_across, first_across + n)) for n in sizes]
-    res = evaluate_points(sub, coefficients=coeffs, loaders=eval_loader, bn_loader=bn, bn_batches=bn_batches, ensembles=groups)
-    err, nll = res.error, res.loss
-    vertices = {f"mode{i}": {"error": float(err[i]), "nll": float(nll[i])} for i in range(k)}
-    vertices.update({f"shared{j - k}": {"error": float(err[j]), "nll": float(nll[j])} for j in range(k, K)})
-    simplices = {}
-    for i in range(k):
-        rows = slice(K + i * samples, K + (i + 1) * samples)
-        s = _summary(err[rows], nll[rows])
-        s.update({"vertices": list(sub.simplices[i]), "mode_error": float(err[i]), "mode_nll": float(nll[i]),
-                  "gap_mean": s["error_mean"] - float(err[i]), "gap_max": s["error_max"] - float(err[i])})
-        simplices[f"simplex{i}"] = s
-    all_rows = slice(K, first_across)
-    whole = _summary(err[all_rows], nll[all_rows])
-    whole["modes_error_mean"] = float(err[:k].double().mean())
-    whole["gap_mean"] = whole["error_mean"] - whole["modes_error_mean"]
-    whole["gap_max_per_simplex"] = max(simplices[f"simplex{i}"]["gap_max"] for i in range(k))
-    ensembles = {}
-    for n in range(1, k + 1):
-        ensembles[f"Ind ({n} modes)"] = {"members": n, "error": 1 - float(res.ensemble_acc[n - 1]), "nll": float(res.ensemble_loss[n - 1])}
-    for j, n in enumerate(sizes):
-        ensembles[f"complex ({n} points)"] = {"members": n, "error": 1 - float(res.ensemble_acc[k + j]), "nll": float(res.ensemble_loss[k + j])}
-    return {"vertices": vertices, "simplices": simplices, "complex": whole, "ensembles": ensembles, "test_examples": res.count,
-            "claim_within_1_point": bool(whole["gap_max_per_simplex"] <= 0.01), "claim_mean_within_1_point": bool(whole["gap_mean"] <= 0.01)}
-
-
-def _train_seconds(stage: Path) -> float:
-    """Seconds of training in a stage folder, from its metrics.jsonl (summed over epochs, resumes included)."""
-    path = stage / "metrics.jsonl"
-    if not path.exists():
-        return 0.0
-    total = 0.0
-    for line in path.read_text().splitlines():
-        try:
-            total += float(json.loads(line).get("seconds", 0.0))
-        except (ValueError, AttributeError):
-            continue
-    return total
-
-
-def train_shared_vertices(args: ComplexConfig, modes: Sequence[nn.Module], data: Any, spec: dict[str, Any],
-                          accelerator: Any, out: Path) -> SimplicialComplex:
-    """Grow the complex one shared vertex at a time; stage ``out/shared{v}`` is resumable and,
-    once finished (``complex.safetensors`` written), reused as it is."""
-    sub: SimplicialComplex | None = None
-    stages = StageProgress("complex", args.shared, enabled=accelerator.is_main_process)
-    for v in range(args.shared):
-        stage = out / f"shared{v}"
-        if (stage / "complex.safetensors").exists():
-            sub = load_complex(stage)
-            logger.info(f"shared vertex {v} already trained, reused from {stage}")
-            stages.end(stage.name, reused=True)
-            continue
-        if sub is None:
-            sub = SimplicialComplex.connect(modes, shared=1, seed=args.seed + POINT_SEED_STRIDE * accelerator.process_index,
-                                            layout=layout_for(args.opt, args.layer_decay))
-        else:
-            sub.add_shared_vertex()
-        stage.mkdir(parents=True, exist_ok=True)
-        # [B]: the first connector's simplices are edges; the volume term starts with the second
-        stage_args = dataclasses.replace(args, output=str(stage), volume_lambda=0.0 if v == 0 else args.volume_lambda)
-        if accelerator.is_main_process:
-            save_config(stage_args, str(stage / "config.yaml"))
-        # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
-        # under its project folder and keeps the objects registered for checkpointing
-        trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
-        stages.begin(stage.name)
-        trainer.fit(resume=has_checkpoint(stage))
-        sub = trainer.unwrapped  # type: ignore[assignment]
-        if accelerator.is_main_process:
-            save_complex(sub, stage / "complex", spec)
-        accelerator.wait_for_everyone()
-        stages.end(stage.name)
-    assert sub is not None
-    return sub
-
-
-def run_complex(args: ComplexConfig) -> dict[str, Any]:
-    """The whole of recipes/complex.py: train the shared vertices (resumable per vertex), then
-    evaluate the complex and write ``results.json`` (and ``complex.safetensors``) to ``--output``."""
-    started = time.perf_counter()
-    modes = [load_model(p) for p in args.checkpoints]
-    try:
-        check_same_architecture(modes)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    with prepare_run(args) as run:
-        out, accelerator = run.out, run.accelerator
-        spec = dict(modes[0].spec)
-        run.record(spec)
-        data = build_data_for_spec(args, spec, modes[0])
-        sub = train_shared_vertices(args, modes, data, spec, accelerator, out)
-        if not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return {"finished": True}
-        trained = time.perf_counter()
-        eval_loader = make_loader(data.eval, args.batch_size, shuffle=False)
-        results = evaluate_complex(sub, eval_loader, bn_loader(data, args.batch_size), samples=args.samples,
-                                   members=args.ensemble_members, seed=args.seed, bn_batches=args.bn_batches)
-        evaluated = time.perf_counter()
-        save_complex(sub, out / "complex", spec)
-        base = mode_epochs(args.checkpoints, args.mode_epochs)
-        stage_seconds = {f"shared{v}": round(_train_seconds(out / f"shared{v}"), 1) for v in range(args.shared)}
-        report = {
-            "title": "simplicial complex [B]", "modes": list(args.checkpoints), "simplex_vertices": [list(s) for s in sub.simplices],
-            "shared": args.shared, "epochs_per_shared_vertex": args.epochs, "samples_per_step": args.samples_per_step,
-            "volume_lambda": args.volume_lambda, "volume_form": args.volume_form, "samples_per_simplex": args.samples,
-            "ensemble_members": args.ensemble_members, "bn_batches": args.bn_batches,
-            "cost": complex_cost(sub.modes, args.shared, args.epochs, args.samples_per_step, base),
-            "seconds": {"train_per_shared_vertex": stage_seconds, "train": round(sum(stage_seconds.values()), 1),
-                        "evaluate": round(evaluated - trained, 1), "this_process": round(time.perf_counter() - started, 1)},
-            **results,
-        }
-        write_json(report, out / "results.json")
-        print_report(report)
-        accelerator.wait_for_everyone()
-        return {"finished": True, "results": report}
-
-
-def print_report(report: dict[str, Any]) -> None:
-    """Two rich tables: per-simplex sampled points against their mode, and ensembles at equal members."""
-    console = Console(width=max(Console().width, 110))   # the tables stay readable in a log file
-    table = Table(title="simplicial complex: test error (%) of points sampled uniformly in each simplex, BN recomputed at each")
-    for col in ("simplex", "points", "mode error", "mean error", "min", "max", "mean - mode", "mean NLL", "mode NLL"):
-        table.add_column(col, justify="left" if col == "simplex" else "right")
-    for name, s in report["simplices"].items():
-        table.add_row(name, str(s["points"]), f"{100 * s['mode_error']:.2f}", f"{100 * s['error_mean']:.2f}", f"{100 * s['error_min']:.2f}",
-                      f"{100 * s['error_max']:.2f}", f"{100 * s['gap_mean']:+.2f}", f"{s['nll_mean']:.4f}", f"{s['mode_nll']:.4f}")
-    c = report["complex"]
-    table.add_row("whole complex", str(c["points"]), f"{100 * c['modes_error_mean']:.2f}", f"{100 * c['error_mean']:.2f}",
-                  f"{100 * c['error_min']:.2f}", f"{100 * c['error_max']:.2f}", f"{100 * c['gap_mean']:+.2f}", f"{c['nll_mean']:.4f}", "")
-    console.print(table)
-    ens = Table(title="ensembles: points across the complex against the modes alone (Ind)")
-    for col in ("ensemble", "members", "error %", "NLL"):
-        ens.add_column(col, justify="left" if col == "ensemble" else "right")
-    for name, e in report["ensembles"].items():
-        ens.add_row(name, str(e["members"]), f"{100 * e['error']:.2f}", f"{e['nll']:.4f}")
-    console.print(ens)
-    cost = report["cost"]
-    if cost.get("complex_cost_B") is not None:
-        console.print(f"cost: shared vertices {cost['gradient_epochs']} epochs of passes = {cost['complex_cost_B']:.2f}B; "
-                      f"with the modes {cost['total_cost_B']:.2f}B (Ind: {cost['ind_cost_B']:.0f}B)")

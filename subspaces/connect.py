@@ -8,32 +8,33 @@ from accelerate.logging import get_logger
 
 from .align import align, example_batch
 from .errors import ConfigError
-from .io import load_model, write_json
+from .io import load_model, load_model_with_spec, write_json
 from .schedules import garipov_schedule
 from .shapes import Bezier, PolyChain, check_same_architecture
 from .subspace import layout_for
 from .run_folder import prepare_run
-from .settings import POINT_SEED_STRIDE, ConnectConfig
-from .training import Trainer, build_data_for_spec, finish_run
+from .settings import ConnectConfig
+from .models import build_data_for_spec, point_seed
+from .reporting import stopped_message
+from .training import Trainer, finish_run
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 
 def run_connect(args: ConnectConfig) -> dict[str, Any]:
     """Load both ends, build the curve, train its interior anchors, evaluate and export."""
-    model_a, model_b = load_model(args.model_a), load_model(args.model_b)
+    (model_a, spec), model_b = load_model_with_spec(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([model_a, model_b])
     except ValueError as err:
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
-    spec = dict(model_a.spec)
     with prepare_run(args) as run:
         data = build_data_for_spec(args, spec, model_a)
         if args.align:   # B permuted to match A (weight matching): the same function, a shorter segment
             model_b, alignment = align(model_a, model_b, example_batch(data.bn), seed=args.seed)
             if run.accelerator.is_main_process:
                 write_json(alignment, run.out / "alignment.json")
-        seed = args.seed if args.same_point else args.seed + POINT_SEED_STRIDE * run.accelerator.process_index
+        seed = args.seed if args.same_point else point_seed(args.seed, run.accelerator.process_index)
         layout = layout_for(args.opt, args.layer_decay)
         if args.curve == "bezier":
             curve = Bezier.connect(model_a, model_b, degree=args.degree or 2, sampling=args.sampling, seed=seed, layout=layout)
@@ -49,7 +50,7 @@ def run_connect(args: ConnectConfig) -> dict[str, Any]:
         trainer = Trainer(args, curve, data, spec, run.accelerator, run.out, make_scheduler=make_scheduler)
         status = trainer.fit(resume=bool(args.resume), train_epochs=args.stop_after_epochs)
         if not status["finished"]:
-            logger.info(f"stopped after epoch {status['epochs_done']} of {args.epochs}; continue with --resume {run.out}")
+            logger.info(stopped_message(run.out, status["epochs_done"], args.epochs))
             return {"finished": False}
         title = f"{args.curve} between {args.model_a} and {args.model_b}"
         return {"finished": True, "results": finish_run(trainer, title)}

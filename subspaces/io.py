@@ -246,27 +246,41 @@ def _timm_folder_spec(folder: Path) -> dict[str, Any]:
             "mean": cfg.get("mean"), "std": cfg.get("std")}
 
 
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """Recreate a model written by :func:`save_model` or :func:`save_for_timm` (``path``: the
-    .safetensors, a timm folder, or a run folder)."""
-    path = resolve_model_path(path)
+def read_model_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The spec of a model written by :func:`save_model` or :func:`save_for_timm` (``path`` as
+    :func:`load_model` takes it), without reading its weights."""
+    return _model_spec(resolve_model_path(path))[0]
+
+
+def _model_spec(path: Path) -> tuple[dict[str, Any], Path]:
+    """(spec, the file it was read from) of a resolved model path, checked."""
     if path.is_dir():   # timm's layout
         spec_path = path / TIMM_CONFIG
         spec = _timm_folder_spec(path)
-        _check_spec(spec, spec_path)
-        model = _create_from(spec, spec_path)
-        load_weights_into(model, path / TIMM_WEIGHTS, spec, spec_path, f"a {spec['model']}")
-        model.spec = spec  # type: ignore[assignment]
-        return model
-    spec_path = path.with_suffix(".json")
-    spec = _read_json(spec_path)
+    else:
+        spec_path = path.with_suffix(".json")
+        spec = _read_json(spec_path)
     _check_spec(spec, spec_path)
-    if spec.get("kind") == "subspace":
+    if not path.is_dir() and spec.get("kind") == "subspace":
         raise CheckpointError(f"{path} is a subspace, not a plain model: load it with load_subspace, or pass an export (exports/centre.safetensors)")
+    return spec, spec_path
+
+
+def load_model_with_spec(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Recreate a model written by :func:`save_model` or :func:`save_for_timm` (``path``: the
+    .safetensors, a timm folder, or a run folder); returns it with its spec (see module doc),
+    which the caller keeps: nothing is attached to the timm model."""
+    path = resolve_model_path(path)
+    spec, spec_path = _model_spec(path)
     model = _create_from(spec, spec_path)
-    load_weights_into(model, path, spec, spec_path, f"a {spec['model']}")
-    model.spec = spec  # type: ignore[assignment]
-    return model
+    weights = path / TIMM_WEIGHTS if path.is_dir() else path
+    load_weights_into(model, weights, spec, spec_path, f"a {spec['model']}")
+    return model, spec
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The model of :func:`load_model_with_spec` alone (:func:`read_model_spec` reads its spec)."""
+    return load_model_with_spec(path)[0]
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

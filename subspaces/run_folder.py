@@ -98,7 +98,7 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
     (:mod:`subspaces.checkpoint`). The launcher's ``--dynamo_backend`` / ``--dynamo_mode``
     become ``args.torchcompile`` / ``torchcompile_mode`` unless those are set (and so are saved
     in the config, for a resume to compile the same way); accelerate's own compile is off
-    because the Trainer compiles the prepared model itself (see ``Trainer.compile_model``).
+    because the Trainer compiles the prepared model itself (see :func:`subspaces.models.compile_model`).
     """
     on_cpu = args.cpu or not torch.accelerator.is_available()
     requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
@@ -116,7 +116,7 @@ def make_accelerator(args: TrainConfig, project_dir: str | os.PathLike | None = 
         args.torchcompile_mode = args.torchcompile_mode or (launcher_mode if launcher_mode not in (None, "default") else None)
         check_compile(args.torchcompile, args.torchcompile_mode)
     accelerator = Accelerator(
-        # the Trainer compiles after prepare (Trainer.compile_model), not accelerate: the prepared
+        # the Trainer compiles after prepare (models.compile_model), not accelerate: the prepared
         # model and its checkpoints stay the eager module's, whether or not a run compiles
         dynamo_backend="no",
         mixed_precision=args.mixed_precision,

@@ -37,12 +37,14 @@ from .bn import update_bn
 from .checkpoint import has_checkpoint, optimizer_state_file
 from .errors import ConfigError
 from .data import DataBundle, make_loader
-from .io import CheckpointError, load_model, resolve_model_path, save_model, write_json
+from .io import CheckpointError, load_model, load_model_with_spec, resolve_model_path, save_model, write_json
 from .ensembles import evaluate, load_ensemble
 from .schedules import FGESchedule, SSESchedule, fge_is_snapshot, sse_is_snapshot
 from .run_folder import describe_input, make_accelerator, prepare_run, write_run_config
 from .settings import FGEConfig, SSEConfig, TrainConfig
-from .training import Trainer, build_data_and_model, build_data_for_spec, results_table
+from .models import build_data_and_model, build_data_for_spec
+from .reporting import results_table, stopped_message
+from .training import Trainer
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
@@ -324,8 +326,8 @@ def run_fge(args: FGEConfig) -> dict[str, Any]:
     """The whole of ``recipes/fge.py``: load the trained network and its optimiser state, run the
     cyclical schedule, save snapshots, evaluate the ensemble and SWA."""
     model_path, opt_path = find_pretrained(args.checkpoint)
-    start = load_model(model_path)
-    spec = {k: v for k, v in start.spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
+    start, start_spec = load_model_with_spec(model_path)
+    spec = {k: v for k, v in start_spec.items() if k not in ("kind", "point", "weights", "iteration", "epoch", "snapshot_of", "pretrain_of")}
     with prepare_run(args) as run:
         accelerator, out = run.accelerator, run.out
         data = build_data_for_spec(args, spec, start)
@@ -340,7 +342,7 @@ def run_fge(args: FGEConfig) -> dict[str, Any]:
                               optimizer_state=opt_path, accelerator=accelerator, info={"start": str(model_path)},
                               train_epochs=args.stop_after_epochs)
         if not res["finished"]:
-            logger.info(f"stopped after epoch {res['trainer'].history[-1]['epoch'] if res['trainer'].history else 0}; continue with --resume {out}")
+            logger.info(stopped_message(out, res["trainer"].history[-1]["epoch"] if res["trainer"].history else 0))
             return {"finished": False}
         if not accelerator.is_main_process:
             return {"finished": True}
@@ -362,7 +364,7 @@ def run_sse(args: SSEConfig) -> dict[str, Any]:
         res = train_snapshots("sse", args, model, data, spec, out, cycle=cycle, lr_max=lr_max, accelerator=accelerator,
                               train_epochs=args.stop_after_epochs)
         if not res["finished"]:
-            logger.info(f"stopped; continue with --resume {out}")
+            logger.info(stopped_message(out))
             return {"finished": False}
         if not accelerator.is_main_process:
             return {"finished": True}

@@ -18,67 +18,61 @@ from accelerate.logging import get_logger
 from .errors import ConfigError
 from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate
-from .io import load_model, load_subspace, write_json
+from .io import load_model_with_spec, load_subspace, write_json
 from .shapes import Simplex, check_same_architecture
 from .subspace import layout_for
-from .checkpoint import has_checkpoint
 from .compare_progress import StageProgress
-from .run_folder import make_accelerator, prepare_run, save_config
-from .settings import POINT_SEED_STRIDE, SPROConfig
-from .training import Trainer, bn_loader, build_data_for_spec, finish_run, results_table
+from .run_folder import prepare_run
+from .settings import SPROConfig
+from .evaluation import bn_loader
+from .models import build_data_for_spec, point_seed
+from .reporting import results_table
+from .stages import train_in_stages
+from .training import finish_run
 
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
+
+
+#: the fields of a model spec that decide the dataset built for it (:func:`build_data_for_spec`)
+INPUT_FIELDS = ("dataset", "img_size", "in_chans", "mean", "std")
+
+
+def same_inputs(spec: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two networks of one architecture are trained on the same dataset built for ``spec``."""
+    return all(spec.get(key) == other.get(key) for key in INPUT_FIELDS)
 
 
 def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int, data: DataBundle | None = None) -> Simplex:
     """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``.
     ``data``: the images to train on (default: the base network's dataset drawn as ``args`` say)."""
-    base = load_model(base_path)
-    spec = dict(base.spec)
+    base, spec = load_model_with_spec(base_path)
     if data is None:
         data = build_data_for_spec(args, spec, base)
-    sub: Simplex | None = None
-    stages = StageProgress(f"simplex {index}", args.vertices - 1, enabled=accelerator.is_main_process)
-    for v in range(1, args.vertices):
-        stage = out / f"vertex{v}"
-        if (stage / "subspace.safetensors").exists():
-            sub = load_subspace(stage)  # type: ignore[assignment]
-            logger.info(f"simplex {index}: vertex {v} already trained, reused from {stage}")
-            stages.end(stage.name, reused=True)
-            continue
-        if sub is None:
-            seed = args.seed + 1000 * index + POINT_SEED_STRIDE * accelerator.process_index
-            sub = Simplex.connect([base], new_vertices=1, seed=seed, layout=layout_for(args.opt, args.layer_decay))
-        else:
-            sub.add_vertex()
-        stage.mkdir(parents=True, exist_ok=True)
-        stage_args = dataclasses.replace(args, output=str(stage))
-        if accelerator.is_main_process:
-            save_config(stage_args, str(stage / "config.yaml"))
-        # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
-        # under its project folder and keeps the objects registered for checkpointing
-        trainer = Trainer(stage_args, sub, data, spec, make_accelerator(stage_args, project_dir=stage), stage)
-        stages.begin(stage.name)
-        trainer.fit(resume=has_checkpoint(stage))
-        finish_run(trainer, f"simplex {index}, {v + 1} vertices")
-        stages.end(stage.name)
-        sub = trainer.unwrapped  # type: ignore[assignment]
-    assert sub is not None
-    return sub
+    return train_in_stages(
+        [(f"vertex{v}", f"simplex {index}: vertex {v}") for v in range(1, args.vertices)], out,
+        StageProgress(f"simplex {index}", args.vertices - 1, enabled=accelerator.is_main_process), finished_file="subspace.safetensors",
+        load=load_subspace,  # type: ignore[arg-type]
+        start=lambda: Simplex.connect([base], new_vertices=1, seed=point_seed(args.seed + 1000 * index, accelerator.process_index),
+                                      layout=layout_for(args.opt, args.layer_decay)),
+        grow=Simplex.add_vertex, stage_args=lambda v, stage: dataclasses.replace(args, output=str(stage)),
+        finish=lambda trainer, i, stage: finish_run(trainer, f"simplex {index}, {i + 2} vertices"),   # stage i adds vertex i + 1
+        data=data, spec=spec, accelerator=accelerator)
 
 
 def run_spro(args: SPROConfig) -> dict[str, Any]:
     """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
-    bases = [load_model(p) for p in args.checkpoints]
+    loaded = [load_model_with_spec(p) for p in args.checkpoints]
+    bases, spec = [model for model, _ in loaded], loaded[0][1]
     try:
         check_same_architecture(bases)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
-        run.record(dict(bases[0].spec))
-        simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i) for i, p in enumerate(args.checkpoints)]
-        data = build_data_for_spec(args, dict(bases[0].spec), bases[0])
+        run.record(dict(spec))
+        data = build_data_for_spec(args, dict(spec), bases[0])   # shared by every simplex whose network saw the same inputs
+        simplexes = [grow_simplex(args, p, out / f"simplex{i}", accelerator, i, data=data if same_inputs(own, spec) else None)
+                     for i, (p, (_, own)) in enumerate(zip(args.checkpoints, loaded))]
         bn = bn_loader(data, args.batch_size)
         eval_loader = accelerator.prepare(make_loader(data.eval, args.batch_size, shuffle=False))
         results: dict[str, dict[str, float]] = {}

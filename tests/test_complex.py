@@ -10,7 +10,8 @@ import timm
 import torch
 
 import subspaces as ss
-from subspaces.complex import SimplicialComplex, complex_cost, load_complex, save_complex
+from subspaces.complex import SimplicialComplex, load_complex, save_complex
+from subspaces.complex_report import complex_cost
 from subspaces.errors import ConfigError
 from subspaces.regularizers import log_volume, reference_log_volume, volume_penalty
 

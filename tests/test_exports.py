@@ -12,7 +12,7 @@ import torch
 
 import subspaces as ss
 from subspaces.errors import CheckpointError, ConfigError
-from subspaces.io import load_model, save_for_timm
+from subspaces.io import load_model, load_model_with_spec, save_for_timm
 
 FAMILIES = {
     "test_resnet": {},
@@ -70,8 +70,8 @@ def test_vit_img_size_survives_local_dir(tmp_path):
 def test_run_folder_resolves_to_a_timm_centre_export(tmp_path):
     point = _exported("test_resnet", {})
     save_for_timm(point, tmp_path / "run" / "exports" / "centre", _spec("test_resnet", {}, "centre"))
-    model = load_model(tmp_path / "run")
-    assert model.spec["point"] == "centre"
+    model, spec = load_model_with_spec(tmp_path / "run")
+    assert spec["point"] == "centre" and isinstance(model, torch.nn.Module)
 
 
 def test_a_folder_timm_itself_wrote_loads(tmp_path):

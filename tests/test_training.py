@@ -42,7 +42,7 @@ from helpers import (
     run,
     run_forked,
 )
-from subspaces.io import load_model, load_subspace, save_model
+from subspaces.io import load_model, load_model_with_spec, load_subspace, read_model_spec, save_model
 from subspaces.schedules import garipov_lr_factor, garipov_schedule
 from subspaces.shapes import Bezier, Line
 
@@ -263,9 +263,10 @@ def test_standard_training_writes_model(standard_runs):
     results = read_json(run_dir / "results.json")["results"]
     assert set(results) == {"model"}
     assert_metrics(results["model"])
-    model = load_model(run_dir)
+    model, spec = load_model_with_spec(run_dir)
     assert type(model) is type(timm.create_model("test_resnet", num_classes=10, in_chans=1))
-    assert model.spec["kind"] == "model"
+    assert spec["kind"] == "model" and read_model_spec(run_dir) == spec
+    assert not hasattr(model, "spec")   # the spec is returned beside the timm model, not attached to it
 
 
 # ------------------------------------------------------------------------------------ 3. resume
