@@ -14,6 +14,7 @@ import sys
 
 from subspaces import cli, config
 from subspaces.connect import run_connect
+from subspaces.sampling import SAMPLING_MODES
 from subspaces.settings import ConnectConfig
 
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--curve", default="bezier", choices=["bezier", "polychain"], help="curve family (default: %(default)s)")
     g.add_argument("--degree", type=int, default=None, help="Bezier degree (default 2)")
     g.add_argument("--bends", type=int, default=None, help="polygonal chain bends (default 1)")
-    g.add_argument("--sampling", default="global", choices=["global", "layerwise", "arc_length"], help="t sampling (default: uniform per forward)")
+    g.add_argument("--sampling", default="global", choices=SAMPLING_MODES, help="t sampling (default: uniform per forward)")
     g.add_argument("--same-point", action="store_true", help="under DDP, the same t on every rank")
     g.add_argument("--align", action=argparse.BooleanOptionalAction, default=False,
                    help="permute B's hidden units to match A first (weight matching; B's function unchanged); details in alignment.json")
