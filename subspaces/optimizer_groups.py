@@ -17,6 +17,7 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from .anchor_store import AnchorGroup
 from .errors import ConfigError
 
 
@@ -77,3 +78,51 @@ def param_groups(module: nn.Module, weight_decay: float, no_weight_decay: set[st
         raise ConfigError(f"layer_decay must be in (0, 1], got {layer_decay}")
     return param_groups_layer_decay(module, weight_decay, no_weight_decay_list=no_weight_decay,
                                     layer_decay=layer_decay, **timm_kwargs)
+
+
+class TimmOptimizerProtocol:
+    """The methods timm's ``create_optimizer_v2`` reads, for a module of anchors (a mixin of
+    :class:`subspaces.subspace.Subspace`). The host provides ``model`` (the wrapped model),
+    ``model_parameter_names`` (its parameter names as the plain model lists them),
+    ``num_anchors`` and ``storage_groups`` (its :class:`~subspaces.anchor_store.AnchorGroup` list);
+    anchor ``k``'s tensor of group ``g`` is the Parameter ``anchors.{k}.{g.name}``."""
+
+    model: nn.Module
+    model_parameter_names: list[str]
+    num_anchors: int
+    storage_groups: list[AnchorGroup]
+
+    def parameter_origins(self) -> dict[str, list[str]]:
+        """For every Parameter of this module (``named_parameters()`` names, frozen ones too), the
+        wrapped model's parameter names it holds: one for shared parameters and, with
+        ``layout="per_parameter"``, for anchors; every name of the chunk for flat anchors."""
+        origins = {f"anchors.{k}.{g.name}": list(g.names) for k in range(self.num_anchors) for g in self.storage_groups}
+        origins.update({f"model.{n}": [n] for n, _ in self.model.named_parameters()})
+        return origins
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[int]]:
+        """timm's ``group_matcher`` for this module: a Parameter name -> ``(layer,)``, the layer
+        of the wrapped model's parameters it holds (``model.group_matcher``'s numbering), so
+        ``create_optimizer_v2(sub, ..., layer_decay=d)`` scales the lr of layer l by
+        d^(L - 1 - l) exactly as for the plain model. Needs each anchor tensor to lie in one
+        layer: with ``layout="flat"`` a chunk spanning layers raises ConfigError."""
+        return group_matcher(self.parameter_origins(), layer_ids(self.model, self.model_parameter_names, coarse))
+
+    def param_groups(self, weight_decay: float, layer_decay: float | None = None, **timm_kwargs: Any) -> list[dict[str, Any]]:
+        """Optimiser parameter groups, timm's rules applied to this module: weight decay
+        ``weight_decay`` except for ``no_weight_decay()`` names (the model's own exemptions,
+        biases, norms) and 1-d tensors; with ``layer_decay`` d, timm's ``param_groups_layer_decay``
+        (group ``lr_scale`` = d^(L - 1 - l) for layer l of the wrapped model, see
+        :meth:`group_matcher`). ``timm_kwargs`` go to that timm function. Returns a list of
+        ``{"params": [...], "weight_decay": float, ["lr_scale": float]}`` for any torch optimiser
+        or ``create_optimizer_v2(sub, opt, param_group_fn=lambda m: m.param_groups(wd, d))``."""
+        return param_groups(self, weight_decay, self.no_weight_decay(), layer_decay, **timm_kwargs)  # type: ignore[arg-type]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names exempt from weight decay, for timm's create_optimizer_v2: undecayed anchor
+        groups, and the wrapped model's own exemptions for its shared parameters."""
+        names = {f"anchors.{k}.{g.name}" for k in range(self.num_anchors) for g in self.storage_groups if not g.decay}
+        nwd = getattr(self.model, "no_weight_decay", None)
+        if callable(nwd):
+            names |= {f"model.{n}" for n in nwd()}
+        return names

@@ -32,7 +32,7 @@ def check_sampling(sampling: str, curve: bool, arc_length_every: int) -> None:
         raise ConfigError(f"sampling={sampling!r} is not one of {SAMPLING_MODES}")
     if sampling == "arc_length" and not curve:
         raise ConfigError("sampling='arc_length' is defined for curves (Line, Bezier, PolyChain) only")
-    if arc_length_every < 1:
+    if isinstance(arc_length_every, bool) or not isinstance(arc_length_every, (int, float)) or arc_length_every < 1:
         raise ConfigError(f"arc_length_every must be >= 1, got {arc_length_every}")
 
 

@@ -26,13 +26,14 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from . import anchor_store, geometry, mixing, optimizer_groups
+from . import anchor_store, geometry, mixing
 from . import sampling as sampling_mod
 from .anchor_store import LAYOUTS, InitFn, layout_for
 from .bn import update_bn
 from .buffer_pool import pooling_available
 from .errors import ConfigError, ConfigTypeError
 from .export import materialize
+from .optimizer_groups import TimmOptimizerProtocol
 from .sampling import SAMPLING_MODES
 
 __all__ = ["LAYOUTS", "POOLING", "SAMPLING_MODES", "InitFn", "Point", "Subspace", "layout_for"]
@@ -45,7 +46,7 @@ Point = Union[float, Sequence[float], Tensor]
 POOLING = pooling_available()
 
 
-class Subspace(nn.Module):
+class Subspace(TimmOptimizerProtocol, nn.Module):
     """Base class: a ``torch.nn.Module`` holding K anchors of one network.
 
     Subclasses define the shape: ``num_anchors``, ``coefficients(point) -> Tensor[..., K]``,
@@ -53,17 +54,16 @@ class Subspace(nn.Module):
     the wrapped model at ``w(point)``. An explicit ``point`` wins; else a point fixed with
     :meth:`set_point` / :meth:`at`; else training mode samples a fresh point per forward and eval
     mode uses the centre. Between forwards the wrapped model shows the last forward's weights
-    (after construction and ``load_state_dict``: the centre's).
+    (after construction and ``load_state_dict``: the centre's; after ``.to()`` / ``.half()``:
+    the next forward's, in the new place).
 
     Args:
         model: the network to wrap (copied; the original is left untouched).
         include / exclude: fnmatch patterns over parameter names (``"head.*"``); only matching
             parameters live in the subspace, the others are shared by all points and trained
             normally. Default: every parameter.
-        sampling: one of :data:`subspaces.sampling.SAMPLING_MODES`: ``"global"`` (one point per
-            forward), ``"layerwise"`` (an independent point per module, [W]) or ``"arc_length"``
-            (curves only: t drawn with density proportional to ``||w'(t)||``, refreshed every
-            ``arc_length_every`` training forwards).
+        sampling: ``"global"`` (one point per forward), ``"layerwise"`` (a point per module, [W])
+            or ``"arc_length"`` (curves: t with density ``||w'(t)||``, see :mod:`subspaces.sampling`).
         seed: seed of the subspace's own ``torch.Generator`` for point draws (saved in the
             state_dict, so draws continue identically after a resume). Under DDP give each rank
             a different seed for different points per rank (more samples of E_t[loss] per step)
@@ -71,11 +71,8 @@ class Subspace(nn.Module):
         init: from-scratch anchors: ``"reinit"`` (default: every module's ``reset_parameters()``
             then the model's ``init_weights()``; a non-constant parameter that none of them
             re-draws is shuffled, with a warning naming it) or a callable ``init(model_copy)``.
-        layout: ``"flat"`` (default: per anchor, the parameters of a (dtype, decay) class end to
-            end in chunks of at most 8 MiB; fastest, right for per-element optimisers) or
-            ``"per_parameter"`` (one anchor tensor per parameter, in the parameter's own shape,
-            for per-tensor optimisers such as LAMB and LARS and for timm's ``layer_decay``;
-            :func:`layout_for` picks it from the optimiser).
+        layout: ``"flat"`` (default; fastest, for per-element optimisers) or ``"per_parameter"``
+            (for per-tensor optimisers and timm's ``layer_decay``): see :mod:`subspaces.anchor_store`.
 
     Bad input raises :class:`~subspaces.errors.ConfigError` (a ``ConfigTypeError``, also a
     ``TypeError``, for an input of the wrong type).
@@ -114,7 +111,7 @@ class Subspace(nn.Module):
         self._arc_cdf: tuple[Tensor, Tensor] | None = None
 
         self.model = copy.deepcopy(model)
-        self._model_parameter_names = [n for n, _ in self.model.named_parameters()]   # the plain model's, for layer ids
+        self.model_parameter_names = [n for n, _ in self.model.named_parameters()]   # as the plain model lists them
         self._groups, self._num_modules = anchor_store.build_groups(self.model, include, exclude, layout)
         if _endpoints is not None:
             sources = self._connect_sources([anchor_store.flatten(m, self._groups) for m in _endpoints])
@@ -297,6 +294,11 @@ class Subspace(nn.Module):
         for p in self.anchor_parameters(k):
             p.requires_grad_(True)
 
+    @property
+    def storage_groups(self) -> list[anchor_store.AnchorGroup]:
+        """The anchors' storage groups (each anchor holds one tensor per group, named by it)."""
+        return self._groups
+
     def weight_names(self) -> list[str]:
         """Subspace parameters that are layer weights: ndim >= 2 and not exempted from weight
         decay by the model's ``no_weight_decay()`` (convolution, linear and attention weights;
@@ -336,43 +338,6 @@ class Subspace(nn.Module):
         """Inner products of the anchors over the subspace parameters ``names`` (default: all):
         Tensor[K, K] in float64, differentiable; see :func:`subspaces.geometry.gram`."""
         return geometry.gram(self._groups, self.anchors, None if names is None else set(names), centred)
-
-    # ------------------------------------------------------------------ timm's optimiser protocol
-    def parameter_origins(self) -> dict[str, list[str]]:
-        """For every Parameter of this module (``named_parameters()`` names, frozen ones too), the
-        wrapped model's parameter names it holds: one for shared parameters and, with
-        ``layout="per_parameter"``, for anchors; every name of the chunk for flat anchors."""
-        origins = {f"anchors.{k}.{g.name}": list(g.names) for k in range(self.num_anchors) for g in self._groups}
-        origins.update({f"model.{n}": [n] for n, _ in self.model.named_parameters()})
-        return origins
-
-    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[int]]:
-        """timm's ``group_matcher`` for this module: a Parameter name -> ``(layer,)``, the layer
-        of the wrapped model's parameters it holds (``model.group_matcher``'s numbering), so
-        ``create_optimizer_v2(sub, ..., layer_decay=d)`` scales the lr of layer l by
-        d^(L - 1 - l) exactly as for the plain model. Needs each anchor tensor to lie in one
-        layer: with ``layout="flat"`` a chunk spanning layers raises ConfigError."""
-        layer_of = optimizer_groups.layer_ids(self.model, self._model_parameter_names, coarse)
-        return optimizer_groups.group_matcher(self.parameter_origins(), layer_of)
-
-    def param_groups(self, weight_decay: float, layer_decay: float | None = None, **timm_kwargs: Any) -> list[dict[str, Any]]:
-        """Optimiser parameter groups, timm's rules applied to this module: weight decay
-        ``weight_decay`` except for ``no_weight_decay()`` names (the model's own exemptions,
-        biases, norms) and 1-d tensors; with ``layer_decay`` d, timm's ``param_groups_layer_decay``
-        (group ``lr_scale`` = d^(L - 1 - l) for layer l of the wrapped model, see
-        :meth:`group_matcher`). ``timm_kwargs`` go to that timm function. Returns a list of
-        ``{"params": [...], "weight_decay": float, ["lr_scale": float]}`` for any torch optimiser
-        or ``create_optimizer_v2(sub, opt, param_group_fn=lambda m: m.param_groups(wd, d))``."""
-        return optimizer_groups.param_groups(self, weight_decay, self.no_weight_decay(), layer_decay, **timm_kwargs)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names exempt from weight decay, for timm's create_optimizer_v2: undecayed anchor
-        groups, and the wrapped model's own exemptions for its shared parameters."""
-        names = {f"anchors.{k}.{g.name}" for k in range(self.num_anchors) for g in self._groups if not g.decay}
-        nwd = getattr(self.model, "no_weight_decay", None)
-        if callable(nwd):
-            names |= {f"model.{n}" for n in nwd()}
-        return names
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> Tensor:

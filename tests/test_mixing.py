@@ -181,3 +181,23 @@ def test_weights_and_gradients_kept_by_the_user_are_never_overwritten(chunked, m
         assert torch.equal(w, copy_)
     for g, copy_ in kept_grads:
         assert torch.equal(g, copy_)
+
+
+# --------------------------------------------------------------------------- binding through public nn.Module calls
+
+
+def test_the_model_keeps_its_parameter_order_and_a_moved_subspace_binds_at_the_next_forward(small_cnn):
+    """Subspace parameters leave the wrapped model through register_parameter(name, None), so the
+    export lists the plain model's names in its order; no nn.Module internals are overridden, so
+    ``.double()`` moves the anchors and the next forward binds weights of the new dtype."""
+    from torch import nn
+
+    model = small_cnn()
+    sub = ss.Line(model, exclude=["5.*"], seed=0)
+    assert type(sub)._apply is nn.Module._apply
+    assert [n for n, _ in sub.model.named_parameters()] == ["5.weight", "5.bias"]   # only the shared ones are Parameters
+    assert list(sub.export(0.3).state_dict()) == list(model.state_dict())
+    sub.double().eval()
+    out = sub(torch.randn(2, 3, 8, 8, dtype=torch.float64), point=0.3)
+    assert out.dtype == torch.float64 and sub.model[0].weight.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in sub.parameters())
