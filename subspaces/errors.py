@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A bad flag, config file or combination of options; the message says how to fix it."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A bad input of the wrong type (a string where a list is needed, not a model): a
+    :class:`ConfigError` that ``except TypeError`` also catches."""
+
+
 class CheckpointError(ValueError):
     """A file that is missing, truncated, corrupted or of the wrong kind; the message names it."""
 

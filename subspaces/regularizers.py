@@ -24,6 +24,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from .geometry import log_volume_from_distances, squared_distances, volume_squared_from_distances
 from .init import reinitialize
 from .subspace import Subspace
 
@@ -73,39 +74,11 @@ def cosine_penalty(
     if pair is None:
         i, j = (0, 1) if K == 2 else torch.randperm(K, generator=generator)[:2].tolist()
     else:
-        i, j = (sub._check_k(k) for k in pair)
+        i, j = (sub.check_anchor_index(k) for k in pair)
         if i == j:
             raise ValueError(f"cosine_penalty needs two different anchors, got pair {pair}")
     gram = sub.gram(selected_names(sub, params))
     return gram[i, j] ** 2 / (gram[i, i] * gram[j, j])
-
-
-def squared_distances(gram: Tensor) -> Tensor:
-    """D_ij = |W_i - W_j|^2 = G_ii + G_jj - 2 G_ij: Tensor[K, K] -> Tensor[K, K].
-
-    Exact for any centre of the Gram; pass a centred one (``sub.gram(centred=True)``) for precision.
-    """
-    diag = torch.diagonal(gram)
-    return (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0)
-
-
-def volume_squared_from_distances(dist2: Tensor) -> Tensor:
-    """Vol^2 of the simplex with squared edge lengths D (Tensor[K, K]), by Cayley-Menger:
-
-        Vol^2 = (-1)^(n+1) / (2^n (n!)^2) * det [[0, 1^T], [1, D]],   n = K - 1.
-    """
-    K = dist2.shape[0]
-    n = K - 1
-    cm = torch.ones(K + 1, K + 1, dtype=dist2.dtype, device=dist2.device)
-    cm[0, 0] = 0
-    cm[1:, 1:] = dist2
-    return (-1) ** (n + 1) * torch.linalg.det(cm) / (2**n * math.factorial(n) ** 2)
-
-
-def log_volume_from_distances(dist2: Tensor, eps: float = 1e-30) -> Tensor:
-    """log Vol from squared edge lengths D (Tensor[K, K]); Vol^2 is clamped at ``eps`` so a
-    degenerate simplex gives a finite value."""
-    return 0.5 * torch.log(volume_squared_from_distances(dist2).clamp_min(eps))
 
 
 def _check_vertices(sub: Subspace) -> None:

@@ -23,6 +23,7 @@ from .checkpoint import DEFAULT_HISTORY, check_history
 from .data import DATASETS
 from . import shapes  # noqa: F401  (importing it registers the built-in shapes that subspace_choices lists)
 from .errors import ConfigError
+from .sampling import SAMPLING_MODES
 from .settings_base import Settings, at_least, either, flag, one_of, setting
 from .shape_registry import get_shape, param_help, param_owners, shape_names
 
@@ -31,7 +32,7 @@ from .shape_registry import get_shape, param_help, param_owners, shape_names
 POINT_SEED_STRIDE = 100_003
 #: how the points of a subspace are drawn per step: one for the whole network, one per layer, or
 #: uniformly in arc length (curves)
-SAMPLINGS = ("global", "layerwise", "arc_length")
+SAMPLINGS = SAMPLING_MODES
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 EXPORT_FORMATS = ("both", "timm", "safetensors")
 #: torch.compile's modes (``torch.compile(mode=...)``)

@@ -20,15 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError, ConfigTypeError
 from .shape_registry import ShapeParam, register_shape
 from .subspace import Point, Subspace
 
 
 def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise ConfigTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name}={value} is invalid: it must be >= {minimum} ({hint})")
+        raise ConfigError(f"{name}={value} is invalid: it must be >= {minimum} ({hint})")
     return value
 
 

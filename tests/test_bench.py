@@ -157,10 +157,11 @@ def test_a_torch_without_the_pool_call_warns_and_turns_the_pool_off(monkeypatch)
     import torch
 
     from subspaces import subspace as core
+    from subspaces.buffer_pool import pooling_available
 
     monkeypatch.delattr(torch._C, "_storage_Use_Count")
     with pytest.warns(RuntimeWarning, match="buffer pool is off"):
-        assert core._pooling_available() is False
+        assert pooling_available() is False
     monkeypatch.setattr(core, "POOLING", False)
     _, pointers = _line_steps(2)   # still trains, without pooled buffers
     assert pointers == [{}, {}]

@@ -30,7 +30,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int_
 DATA_LOADING = ("torch/utils/data/", "accelerate/data_loader.py", "subspaces/data.py", "subspaces/data_sources.py")
 #: a subspace draws its point from a CPU generator and checks its coefficients there (Tensor[K],
 #: never on the device), then copies them to the device without blocking
-POINT_ON_HOST = ("_coeffs_for", "_lerp_steps")
+POINT_ON_HOST = ("_coeffs_for", "lerp_steps")
 TRAIN, BATCH, INTERVAL = 160, 16, 4   # 10 steps per epoch: checks at steps 4, 8 and 10
 
 

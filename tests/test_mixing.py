@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 
 import subspaces as ss
-import subspaces.subspace as subspace_module
-from subspaces.subspace import _lerp_steps, _split_group
+from subspaces import anchor_store
+from subspaces.anchor_store import split_group
+from subspaces.mixing import lerp_steps
 
 
 def _lerp_chain(anchors: list[torch.Tensor], steps: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def test_lerp_chain_equals_the_weighted_sum_at_convex_coefficients(K):
     anchors = [torch.randn(1000, generator=gen) for _ in range(K)]
     for _ in range(20):
         c = torch.distributions.Dirichlet(torch.ones(K)).sample()
-        steps = _lerp_steps(c)
+        steps = lerp_steps(c)
         assert steps is not None and steps.shape == (K - 1,)
         assert (steps >= 0).all() and (steps <= 1).all()
         want = sum(ck * a for ck, a in zip(c, anchors))
@@ -44,14 +45,14 @@ def test_lerp_chain_is_exact_at_the_vertices(K):
     for k in range(K):
         c = torch.zeros(K)
         c[k] = 1
-        assert torch.equal(_lerp_chain(anchors, _lerp_steps(c).float()), anchors[k])
+        assert torch.equal(_lerp_chain(anchors, lerp_steps(c).float()), anchors[k])
 
 
 def test_lerp_is_used_only_for_convex_coefficients_on_the_cpu():
-    assert _lerp_steps(torch.tensor([-0.5, 1.5])) is None   # a line extrapolated past its end
-    assert _lerp_steps(torch.tensor([0.5, 0.6])) is None    # not summing to one
-    assert _lerp_steps(torch.tensor([[0.5, 0.5], [0.5, 0.5]])) is None   # layerwise
-    assert _lerp_steps(torch.tensor([1.0])) is None
+    assert lerp_steps(torch.tensor([-0.5, 1.5])) is None   # a line extrapolated past its end
+    assert lerp_steps(torch.tensor([0.5, 0.6])) is None    # not summing to one
+    assert lerp_steps(torch.tensor([[0.5, 0.5], [0.5, 0.5]])) is None   # layerwise
+    assert lerp_steps(torch.tensor([1.0])) is None
 
 
 class _OffsetLine(ss.Line):
@@ -79,14 +80,14 @@ def test_coefficients_that_are_not_convex_use_the_weighted_sum(t, small_cnn):
 # --------------------------------------------------------------------------- chunked anchors
 
 
-def test_split_group_keeps_order_and_respects_the_size_limit(make_timm):
+def testsplit_group_keeps_order_and_respects_the_size_limit(make_timm):
     model = make_timm("test_resnet")
     sub = ss.Line(model, seed=0)
     whole = sum(g.numel for g in sub._groups)
     (decay,) = [g for g in sub._groups if g.decay]
     assert decay.name == "decay_float32_0"   # test_resnet is smaller than one chunk
     limit = 4096 * 4
-    chunks = _split_group(decay, limit)
+    chunks = split_group(decay, limit)
     assert len(chunks) > 3
     assert [c.name for c in chunks] == [f"decay_float32_0_{j}" for j in range(len(chunks))]
     assert [n for c in chunks for n in c.names] == decay.names
@@ -98,7 +99,7 @@ def test_split_group_keeps_order_and_respects_the_size_limit(make_timm):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(subspace_module, "_CHUNK_BYTES", 2048)
+    monkeypatch.setattr(anchor_store, "CHUNK_BYTES", 2048)
 
 
 @pytest.mark.parametrize("shape", ["line", "bezier", "simplex"])
@@ -161,7 +162,7 @@ def test_chunked_state_dict_round_trip(small_chunks, make_timm, timm_input, tmp_
 @pytest.mark.parametrize("chunked", [False, True])
 def test_weights_and_gradients_kept_by_the_user_are_never_overwritten(chunked, monkeypatch, small_cnn):
     if chunked:
-        monkeypatch.setattr(subspace_module, "_CHUNK_BYTES", 64)
+        monkeypatch.setattr(anchor_store, "CHUNK_BYTES", 64)
     sub = ss.Line(small_cnn(), seed=0).train()
     x = torch.randn(4, 3, 8, 8)
     opt = torch.optim.SGD(sub.parameters(), lr=0.1, momentum=0.9)
@@ -180,3 +181,23 @@ def test_weights_and_gradients_kept_by_the_user_are_never_overwritten(chunked, m
         assert torch.equal(w, copy_)
     for g, copy_ in kept_grads:
         assert torch.equal(g, copy_)
+
+
+# --------------------------------------------------------------------------- binding through public nn.Module calls
+
+
+def test_the_model_keeps_its_parameter_order_and_a_moved_subspace_binds_at_the_next_forward(small_cnn):
+    """Subspace parameters leave the wrapped model through register_parameter(name, None), so the
+    export lists the plain model's names in its order; no nn.Module internals are overridden, so
+    ``.double()`` moves the anchors and the next forward binds weights of the new dtype."""
+    from torch import nn
+
+    model = small_cnn()
+    sub = ss.Line(model, exclude=["5.*"], seed=0)
+    assert type(sub)._apply is nn.Module._apply
+    assert [n for n, _ in sub.model.named_parameters()] == ["5.weight", "5.bias"]   # only the shared ones are Parameters
+    assert list(sub.export(0.3).state_dict()) == list(model.state_dict())
+    sub.double().eval()
+    out = sub(torch.randn(2, 3, 8, 8, dtype=torch.float64), point=0.3)
+    assert out.dtype == torch.float64 and sub.model[0].weight.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in sub.parameters())
