@@ -25,6 +25,7 @@ from .checkpoint import DEFAULT_HISTORY, check_history
 from .data import DATASETS
 from . import shapes  # noqa: F401  (importing it registers the built-in shapes that subspace_choices lists)
 from .errors import ConfigError
+from .method_registry import DEFAULT_METHODS
 from .shape_registry import get_shape, param_owners, shape_names
 
 S = TypeVar("S", bound="Settings")
@@ -248,8 +249,8 @@ def _or(names: tuple[str, ...]) -> str:
 #: the ``--subspace`` values of the built-in shapes, as at import (:func:`subspace_choices`
 #: also lists the shapes registered since)
 SHAPE_NAMES = subspace_choices()
-#: the rows the comparison can train (``ind`` always runs)
-METHODS = ("ind", "sse", "fge", "swa", "line", "layerwise", "simplex", "espro")
+#: the methods the comparison runs by default (``ind`` always runs); any registered method may be named
+METHODS = DEFAULT_METHODS
 #: the settings fields that registered shapes take as constructor keywords (ShapeParam names)
 SHAPE_PARAMS = ("degree", "bends", "vertices")
 
