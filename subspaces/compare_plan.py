@@ -96,10 +96,10 @@ def make_plan(args: CompareConfig, num_train: int) -> Plan:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.samples < 2:
         raise ConfigError(f"--samples (points per subspace ensemble) must be >= 2, got {args.samples}")
-    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    check_methods(methods)
-    if "ind" not in methods:
-        methods.insert(0, "ind")
+    chosen = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    check_methods(chosen)
+    if "ind" not in chosen:
+        chosen.insert(0, "ind")
     budgets = budget_list(args.budgets, "budgets")
     sub_budgets = budget_list(args.subspace_budgets, "subspace-budgets")
     if not 0 < args.fge_pretrain < 1:
@@ -111,11 +111,11 @@ def make_plan(args: CompareConfig, num_train: int) -> Plan:
         raise ConfigError(f"--fge-pretrain {args.fge_pretrain} of {B * upe} iterations leaves FGE no pre-training")
     fields: dict[str, Any] = {}
     notes: list[str] = []
-    for name in in_table_order(methods):
+    for name in in_table_order(chosen):
         derived, said = get_method(name).method.derive(args, B, upe, budgets, pre)
         fields.update(derived)
         notes += said
-    return Plan(B=B, upe=upe, budgets=budgets, subspace_budgets=sub_budgets, methods=methods, pretrain_iter=pre, notes=notes, **fields)
+    return Plan(B=B, upe=upe, budgets=budgets, subspace_budgets=sub_budgets, methods=chosen, pretrain_iter=pre, notes=notes, **fields)
 
 
 def accounting(plan: Plan, args: CompareConfig) -> list[str]:
