@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    cli.load_plugins()   # modules named in SUBSPACES_PLUGINS: their shapes and methods become flag values
     p = build_parser()
     args = cli.parse(p, argv, CompareConfig)
     return cli.run(lambda: run_compare(args))

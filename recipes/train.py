@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    cli.load_plugins()   # modules named in SUBSPACES_PLUGINS: their shapes become --subspace values
     args = cli.parse(build_parser(), argv, TrainRunConfig)
     return cli.run(lambda: run_training(args))
 

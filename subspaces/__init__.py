@@ -11,6 +11,8 @@ from .pointwise import (
     export_coefficients,
     point_coefficients,
 )
+from . import methods  # noqa: F401  (registers the built-in compared methods before any plugin's)
+from .method_registry import CompareMethod, Member, RowName, method_names, register_method
 from .regularizers import cosine_penalty, log_volume
 from .shape_registry import ShapeParam, get_shape, register_shape, shape_names
 from .shapes import Bezier, Line, PolyChain, Simplex, check_same_architecture
@@ -45,6 +47,11 @@ __all__ = [
     "get_shape",
     "register_shape",
     "shape_names",
+    "CompareMethod",
+    "Member",
+    "RowName",
+    "method_names",
+    "register_method",
     "CompareConfig",
     "ComplexConfig",
     "ConnectConfig",

@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from . import methods  # noqa: F401  (registers the built-in methods, whose rows the claims compare)
+from .method_registry import row_name
 from .stats import Bootstrap, Interval, combine, paired_difference, verdict
 
-#: row probabilities of one replicate on the test split: {(row, k): [M, N, C]}
+#: row probabilities of one replicate on the test split: {(row, k): [M, N, C]}, rows by display name as in the files
 RowProbs = dict[tuple[str, int], Tensor]
 
 
@@ -86,7 +88,9 @@ def cell_name(row: str, k: int) -> str:
 
 def check_claims(replicates: Sequence[RowProbs], labels: Tensor, budgets: Sequence[int], bootstrap: Bootstrap,
                  losses: Any) -> list[Claim]:
-    """The claims the rows allow, in the order b, c1, c1-layerwise, c2, d.
+    """The claims the rows allow, in the order b, c1, c1-layerwise, c2, d. Claims name rows by
+    their identifiers (``fge``, ``line_midpoint``, ...); ``replicates`` hold them under their
+    display names, as predictions.safetensors does.
 
     ``replicates``: each replicate's test row probabilities; ``labels`` [N] the shared test
     labels; ``losses(probs, labels) -> {"error": [N], "nll": [N]}`` the per-example losses of a
@@ -111,19 +115,20 @@ def check_claims(replicates: Sequence[RowProbs], labels: Tensor, budgets: Sequen
         statement, source = STATEMENTS[key]
         claims.append(Claim(key, statement, source, parts))
 
-    if has("FGE", 1) and has("Ind", 1):
-        add("b", [part("FGE(1B) - Ind(1B)", "error", ("FGE", 1), ("Ind", 1))])
-    for key, row in (("c1", "Line midpoint"), ("c1-layerwise", "Line (layerwise) midpoint")):
-        if has(row, 1) and has("Single network", 1):
-            add(key, [part(f"{row} - single network", m, (row, 1), ("Single network", 1)) for m in ("error", "nll")])
-    if has("Line endpoints (ens.)", 1) and has("Ind", 1):
-        parts = [part("endpoints - Ind(1B)", "error", ("Line endpoints (ens.)", 1), ("Ind", 1))]
-        if has("Ind", 2):
-            parts.append(part("endpoints - Ind(2B)", "error", ("Line endpoints (ens.)", 1), ("Ind", 2), informative=True))
+    fge, ind, single, ends, espro = (row_name(key).display for key in ("fge", "ind", "single", "line_endpoints", "espro"))
+    if has(fge, 1) and has(ind, 1):
+        add("b", [part("FGE(1B) - Ind(1B)", "error", (fge, 1), (ind, 1))])
+    for key, row in (("c1", row_name("line_midpoint").display), ("c1-layerwise", row_name("layerwise_midpoint").display)):
+        if has(row, 1) and has(single, 1):
+            add(key, [part(f"{row} - single network", m, (row, 1), (single, 1)) for m in ("error", "nll")])
+    if has(ends, 1) and has(ind, 1):
+        parts = [part("endpoints - Ind(1B)", "error", (ends, 1), (ind, 1))]
+        if has(ind, 2):
+            parts.append(part("endpoints - Ind(2B)", "error", (ends, 1), (ind, 2), informative=True))
         add("c2", parts)
-    pairs = [k for k in budgets if has("ESPRO", k) and has("Ind", k)]
+    pairs = [k for k in budgets if has(espro, k) and has(ind, k)]
     if pairs:
-        add("d", [part(f"ESPRO({k}) - Ind({k}B)", "error", ("ESPRO", k), ("Ind", k)) for k in pairs])
+        add("d", [part(f"ESPRO({k}) - Ind({k}B)", "error", (espro, k), (ind, k)) for k in pairs])
     return claims
 
 

@@ -5,11 +5,18 @@ write (disk full, permissions) exits with status 1 and one line; a non-finite lo
 status 3 after keeping the last good checkpoint; a run stopped by SIGTERM / SIGINT exits with
 status 75 after writing a checkpoint that ``--resume`` continues exactly. ``SUBSPACES_DEBUG=1`` re-raises instead, with the
 traceback.
+
+Plugins: ``SUBSPACES_PLUGINS=my_pkg.shapes,my_methods`` names modules (importable from the
+Python path) that ``recipes/train.py``, ``recipes/compare.py`` and the compare's worker
+processes import before they read their flags (:func:`load_plugins`), so that the shapes and
+compared methods they register (``register_shape``, ``register_method``) are flag values there.
+The variable is inherited by every worker process, so a member trains where its method is known.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -26,10 +33,24 @@ from .settings import Settings
 
 S = TypeVar("S", bound=Settings)
 
-#: exit status of a run stopped by SIGTERM / SIGINT that can be resumed (sysexits' EX_TEMPFAIL)
+#: the environment variable naming the plugin modules, comma-separated
+PLUGINS_VARIABLE = "SUBSPACES_PLUGINS"
 
 #: flags that describe the job rather than the run: a resumed run keeps the caller's values
 _JOB_FLAGS = ("resume", "stop_after_epochs", "log_interval", "cpu")
+
+
+def load_plugins() -> list[str]:
+    """Import the modules named in ``SUBSPACES_PLUGINS`` (comma-separated; a module imported
+    already is not run again) and return their names. A module that cannot be imported or
+    fails to register exits with status 2 and one line naming it."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_VARIABLE, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except (ImportError, ValueError, ConfigError) as err:
+            sys.exit(_fail(ConfigError(f"{PLUGINS_VARIABLE}: cannot import {name!r}: {one_line(err)}"), 2))
+    return names
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, settings: type[S] | None = None) -> Any:

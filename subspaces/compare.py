@@ -55,14 +55,14 @@ from accelerate.logging import get_logger
 from .claims import cell_name, check_claims, render_claims
 from .compare_eval import PREDICTIONS, Rows, per_example_losses, replicate_rows, row_metrics, save_replicate_predictions, split_labels
 from .compare_figure import budget_figure
-from .compare_plan import JOB_KEYS, METHODS, OFFSETS, SEED_STRIDE, Plan, accounting, make_plan, protocol_of
-from .compare_report import ROW_ORDER, aggregate, render_csv, render_markdown, rich_table, row_rank
+from .compare_plan import JOB_KEYS, OFFSETS, SEED_STRIDE, Plan, accounting, make_plan, protocol_of
+from .compare_report import aggregate, render_csv, render_markdown, rich_table, row_rank
 from .compare_run import Runner, Task, default_jobs, log, run_members, train_seconds
 from .data import data_record
 from .errors import ConfigError
 from .io import write_json
 from .run_folder import describe_input, prepare_run, write_run_config
-from .settings import CompareConfig
+from .settings import METHODS, CompareConfig
 from .stats import Bootstrap, Interval
 from .training import build_data_and_model
 
@@ -74,7 +74,7 @@ BOOTSTRAP_RESAMPLES = 2000
 logger = get_logger(__name__)   # messages of the main process (accelerate's multi-process logger)
 
 __all__ = [
-    "JOB_KEYS", "METHODS", "OFFSETS", "ROW_ORDER", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting",
+    "JOB_KEYS", "METHODS", "OFFSETS", "SEED_STRIDE", "Plan", "Runner", "Task", "accounting",
     "aggregate", "check_protocol", "evaluate_replicate", "make_plan", "protocol_of", "row_rank", "run_compare",
 ]
 
@@ -82,8 +82,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------- evaluation
 def evaluate_replicate(plan: Plan, args: CompareConfig, root: Path, labels: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Rows]:
     """Metrics of every row at every budget of one replicate, from its members' saved predictions:
-    ``{"rows": {row: {"kB": {test metrics, val_ metrics, members, cost}}}, "train_seconds": ...}``,
-    and the rows' probabilities (:class:`~subspaces.compare_eval.Rows`)."""
+    ``{"rows": {row: {"kB": {test metrics, val_ metrics, members, cost}}}, "train_seconds": ...}``
+    (rows by identifier: :func:`shown` names them for the files), and the rows' probabilities
+    (:class:`~subspaces.compare_eval.Rows`)."""
     rows = replicate_rows(plan, args.samples, root)
     table: dict[str, dict[str, Any]] = {}
     for row, k in rows.keys():
@@ -96,9 +97,15 @@ def evaluate_replicate(plan: Plan, args: CompareConfig, root: Path, labels: dict
     return {"rows": table, "train_seconds": costs}, rows
 
 
+def shown(rows: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``rows`` keyed by identifier, keyed by display name instead (as results.json, results.md
+    and results.csv show them)."""
+    return {names[row]: cells for row, cells in rows.items()}
+
+
 def cell_intervals(replicates: list[Rows], labels: torch.Tensor, bootstrap: Bootstrap) -> dict[str, dict[str, Interval]]:
     """Each test cell's error (points) and NLL with its bootstrap interval over test examples (and
-    replicates): ``{"ROW@kB": {"error": Interval, "nll": Interval}}``."""
+    replicates): ``{"ROW@kB": {"error": Interval, "nll": Interval}}``, ROW the row's identifier."""
     out: dict[str, dict[str, Interval]] = {}
     for key in replicates[0].probs["test"]:
         if not all(key in rep.probs["test"] for rep in replicates):
@@ -162,19 +169,22 @@ def run_compare(args: CompareConfig) -> dict[str, Any]:
         labels = split_labels(data)
         per_seed: list[dict[str, Any]] = []
         replicates: list[Rows] = []
+        names: dict[str, str] = {}
         for runner in runners:
             rep, rows = evaluate_replicate(plan, args, runner.root, labels)
             save_replicate_predictions(rows, labels, runner.root / PREDICTIONS)
-            write_json({"evaluation": rep}, runner.root / "evaluation.json")
+            names.update(rows.names)
+            write_json({"evaluation": {**rep, "rows": shown(rep["rows"], names)}}, runner.root / "evaluation.json")
             per_seed.append(rep)
             replicates.append(rows)
         bootstrap = Bootstrap(len(runners), len(labels["test"]), resamples=BOOTSTRAP_RESAMPLES, seed=args.seed)
-        table = aggregate(per_seed, plan.budgets, cell_intervals(replicates, labels["test"], bootstrap))
-        claims = check_claims([rows.probs["test"] for rows in replicates], labels["test"], plan.budgets, bootstrap, per_example_losses)
+        table = shown(aggregate(per_seed, plan.budgets, cell_intervals(replicates, labels["test"], bootstrap)), names)
+        per_seed = [{**rep, "rows": shown(rep["rows"], names)} for rep in per_seed]   # the files name rows by their display names
+        claims = check_claims([rows.shown("test") for rows in replicates], labels["test"], plan.budgets, bootstrap, per_example_losses)
         val_claims = []
         if "val" in labels:   # the same claims on the validation split, where settings are chosen
             val_boot = Bootstrap(len(runners), len(labels["val"]), resamples=BOOTSTRAP_RESAMPLES, seed=args.seed)
-            val_claims = check_claims([rows.probs["val"] for rows in replicates], labels["val"], plan.budgets, val_boot, per_example_losses)
+            val_claims = check_claims([rows.shown("val") for rows in replicates], labels["val"], plan.budgets, val_boot, per_example_losses)
         claim_lines = render_claims(claims, len(runners))
         wall = time.perf_counter() - t_start
         title = f"{args.model} on {args.dataset}: equal-budget comparison, B = {plan.B} epochs"

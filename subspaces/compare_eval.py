@@ -10,6 +10,9 @@ The main process then builds each row of the table at each budget by averaging t
 probabilities (ensembles average probabilities, never logits), computes the metrics, and writes
 the replicate's ``predictions.safetensors``: per split its ``labels`` and, per row and budget,
 the probabilities (float32) from which every number of the table and every claim is computed.
+Which networks a member contributes and which rows a method builds from them are the method's
+(:mod:`subspaces.method_registry`, :mod:`subspaces.methods`); rows are keyed by their
+identifiers here and shown by their display names in the files.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .bn import update_bn
-from .compare_plan import OFFSETS, Plan
+from .compare_plan import Plan, in_table_order
 from .data import DataBundle, make_loader, split_targets
-from .ensembles import subspace_points
-from .io import load_model, load_subspace
+from .io import load_model
+from .method_registry import find_member, get_method, row_display
+from .methods.common import draw_seed, point_key
 from .metrics import metrics_from_probs
-from .snapshots import list_snapshots, swa_average
+
+__all__ = ["PREDICTIONS", "SPLITS", "NetworkContext", "RowBuilder", "Rows", "draw_seed", "evaluate_member", "load_replicate_predictions",
+           "member_networks", "per_example_losses", "point_key", "predict", "replicate_rows", "row_metrics", "save_replicate_predictions",
+           "split_labels", "split_loaders"]
 
 #: the file of a member's network probabilities, and of a replicate's row probabilities
 PREDICTIONS = "predictions.safetensors"
@@ -70,67 +77,32 @@ def split_labels(data: DataBundle) -> dict[str, Tensor]:
     return out
 
 
-def point_key(point: Tensor) -> str:
-    """A network's name from its point: ``t=0.2500`` on a curve, ``p=0.3333,...`` on a simplex."""
-    p = torch.as_tensor(point).flatten()
-    if p.numel() == 1:
-        return f"t={float(p):.4f}"
-    return "p=" + ",".join(f"{float(v):.4f}" for v in p)
+class NetworkContext:
+    """What a method's :meth:`~subspaces.method_registry.CompareMethod.networks` gets: the
+    member's run ``folder``, the ``plan``, ``samples`` (points per subspace ensemble), the
+    replicate's ``seed`` (it seeds the random points of simplexes), and the BatchNorm loader
+    ``bn`` with ``bn_batches``; :meth:`recomputed` and :meth:`at` make the factories."""
 
+    def __init__(self, folder: Path, plan: Plan, samples: int, seed: int, bn: Any, bn_batches: int) -> None:
+        self.folder, self.plan, self.samples, self.seed, self.bn, self.bn_batches = folder, plan, samples, seed, bn, bn_batches
 
-def draw_seed(kind: str, replicate_seed: int, index: int) -> int:
-    """The seed of the random points a replicate evaluates on a shape (``kind`` "simplex": the
-    simplex trained at budget ``index``; "espro": the SPRO simplex of Ind network ``index``)."""
-    return int(replicate_seed) + OFFSETS[kind] + int(index)
+    def recomputed(self, path: Path) -> Callable[[], nn.Module]:
+        """The saved network at ``path`` with BatchNorm recomputed at its weights."""
+        return lambda: update_bn(load_model(path), self.bn, max_batches=self.bn_batches)
+
+    def at(self, sub: Any, point: Any) -> Callable[[], nn.Module]:
+        """The network at ``point`` of subspace ``sub`` (None: its centre), BatchNorm recomputed."""
+        return lambda: sub.export(point, bn_loader=self.bn, bn_batches=self.bn_batches)
 
 
 def member_networks(name: str, folder: Path, plan: Plan, samples: int, seed: int, bn: Any, bn_batches: int
                     ) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
     """The networks member ``name`` (its run folder ``folder``) contributes to the table, as
     (key, factory) pairs, each factory returning the network with BatchNorm recomputed at its
-    weights. ``seed`` is the replicate's seed (it seeds the random points of simplexes)."""
-    def recomputed(path: Path) -> Callable[[], nn.Module]:
-        return lambda: update_bn(load_model(path), bn, max_batches=bn_batches)
-
-    def at(sub: Any, point: Any) -> Callable[[], nn.Module]:
-        return lambda: sub.export(point, bn_loader=bn, bn_batches=bn_batches)
-
-    top = max(plan.budgets)
-    if name.startswith("ind"):
-        yield "net", recomputed(folder / "model.safetensors")
-    elif name in ("sse", "fge"):
-        snaps = list_snapshots(folder)
-        its = [s.iteration for s in snaps]
-        count = (lambda k: plan.fge_count(k, its)) if name == "fge" else (lambda k: plan.sse_count(k, its))
-        for s in snaps[:count(top)]:   # saved with BatchNorm recomputed at their weights
-            yield f"snapshot{s.iteration}", (lambda path=s.path: load_model(path))
-        if name == "fge" and "swa" in plan.methods:
-            for k in plan.budgets:
-                if count(k):
-                    paths = [s.path for s in snaps[:count(k)]]
-                    yield f"swa{k}B", (lambda paths=paths: swa_average(paths, bn, bn_batches))
-    elif name.startswith("spro"):
-        j = int(name[4:])
-        sim = load_subspace(folder / f"vertex{plan.espro_vertices - 1}")
-        gen = torch.Generator().manual_seed(draw_seed("espro", seed, j))
-        for i, p in enumerate(subspace_points(sim, "random", samples, gen)):
-            yield f"sample{i}", at(sim, p)
-    elif name.startswith(("line", "layerwise")):
-        line = load_subspace(folder)
-        ts = [0.0, 0.5, 1.0] if name.startswith("layerwise") else sorted({*(float(t) for t in subspace_points(line, "even", samples)), 0.5})
-        for t in ts:
-            yield point_key(torch.tensor(t)), at(line, t)
-    elif name.startswith("simplex"):
-        k = int(name[len("simplex"):-1])
-        sim = load_subspace(folder)
-        yield "centre", at(sim, None)
-        for i, p in enumerate(subspace_points(sim, "ends")):
-            yield f"vertex{i}", at(sim, p)
-        gen = torch.Generator().manual_seed(draw_seed("simplex", seed, k))
-        for i, p in enumerate(subspace_points(sim, "random", samples, gen)):
-            yield f"sample{i}", at(sim, p)
-    else:
-        raise ValueError(f"unknown compare member {name!r}")
+    weights: those of the plan's method that trains it. ``seed`` is the replicate's seed (it seeds
+    the random points of simplexes); ValueError for a member no method of the plan trains."""
+    entry, member = find_member(plan.methods, plan, name)
+    return entry.method.networks(member, NetworkContext(folder, plan, samples, seed, bn, bn_batches))
 
 
 def evaluate_member(name: str, folder: Path, plan: Plan, data: DataBundle, *, samples: int, seed: int, batch_size: int,
@@ -157,85 +129,72 @@ class Rows:
     """The rows of one replicate's table as probabilities: ``probs[split][(row, k)]`` is
     [M, N, C] float32, M = 1 for a network or an ensemble (already averaged) and M > 1 for
     "Single network" (the Ind networks, each alone: its metrics are their mean); ``members`` and
-    ``cost`` per (row, k)."""
+    ``cost`` per (row, k); ``row`` is the row's identifier and ``names[row]`` its display name."""
 
     def __init__(self) -> None:
         self.probs: dict[str, dict[tuple[str, int], Tensor]] = {}
         self.members: dict[tuple[str, int], int] = {}
         self.cost: dict[tuple[str, int], float] = {}
+        self.names: dict[str, str] = {}
 
-    def put(self, row: str, k: int, split_probs: dict[str, Tensor], members: int, cost: float) -> None:
+    def put(self, row: str, k: int, split_probs: dict[str, Tensor], members: int, cost: float, name: str | None = None) -> None:
         for split, p in split_probs.items():
             self.probs.setdefault(split, {})[(row, k)] = p if p.ndim == 3 else p[None]
         self.members[(row, k)] = members
         self.cost[(row, k)] = cost
+        self.names.setdefault(row, row if name is None else name)
 
     def keys(self) -> list[tuple[str, int]]:
         return list(self.members)
 
+    def shown(self, split: str) -> dict[tuple[str, int], Tensor]:
+        """``probs[split]`` keyed by (display name, k), the files' names."""
+        return {(self.names[row], k): p for (row, k), p in self.probs.get(split, {}).items()}
 
-def replicate_rows(plan: Plan, samples: int, root: Path) -> Rows:
-    """Every row of the table at every budget from the members' saved predictions under ``root``
-    (one replicate): the averages of :func:`evaluate_member`'s probabilities."""
-    loaded: dict[str, dict[str, Tensor]] = {}
 
-    def nets(member: str) -> dict[str, Tensor]:
-        if member not in loaded:
-            loaded[member] = load_file(str(root / member / PREDICTIONS))
-        return loaded[member]
+class RowBuilder:
+    """What a method's :meth:`~subspaces.method_registry.CompareMethod.build_rows` gets: the
+    replicate's folder ``root``, ``samples``, the evaluated ``splits``; :meth:`nets` reads a
+    member's saved probabilities, :meth:`mean` averages networks' probabilities and :meth:`put`
+    stores a row (by its identifier; its display name comes from its method's declaration)."""
 
-    def mean(member_keys: list[tuple[str, str]]) -> dict[str, Tensor]:
+    splits = SPLITS
+
+    def __init__(self, root: Path, samples: int) -> None:
+        self.root, self.samples, self.rows = root, samples, Rows()
+        self.loaded: dict[str, dict[str, Tensor]] = {}
+
+    def nets(self, member: str) -> dict[str, Tensor]:
+        """Member ``member``'s saved probabilities: ``{"split/network": [N, C]}``."""
+        if member not in self.loaded:
+            self.loaded[member] = load_file(str(self.root / member / PREDICTIONS))
+        return self.loaded[member]
+
+    def mean(self, member_keys: list[tuple[str, str]]) -> dict[str, Tensor]:
         """{split: average of the named networks' probabilities}; member_keys: (member, network)."""
-        splits = sorted({k.split("/", 1)[0] for k in nets(member_keys[0][0])})
+        splits = sorted({k.split("/", 1)[0] for k in self.nets(member_keys[0][0])})
         out = {}
         for split in splits:
             total = None
             for member, key in member_keys:
-                p = nets(member)[f"{split}/{key}"]
+                p = self.nets(member)[f"{split}/{key}"]
                 total = p.clone() if total is None else total + p
             out[split] = total / len(member_keys)  # type: ignore[operator]
         return out
 
-    rows = Rows()
-    top = max(plan.budgets)
-    for k in plan.budgets:
-        rows.put("Ind", k, mean([(f"ind{j}", "net") for j in range(k)]), k, plan.cost("Ind", k))
-    single = {split: torch.stack([nets(f"ind{j}")[f"{split}/net"] for j in range(top)]) for split in SPLITS if f"{split}/net" in nets("ind0")}
-    rows.put("Single network", 1, single, 1, 1.0)
-    for method in ("sse", "fge"):
-        if method not in plan.methods:
-            continue
-        its = [s.iteration for s in list_snapshots(root / method)]
-        for k in plan.budgets:
-            n = plan.fge_count(k, its) if method == "fge" else plan.sse_count(k, its)
-            if n == 0:
-                continue
-            rows.put(method.upper(), k, mean([(method, f"snapshot{i}") for i in its[:n]]), n, plan.cost(method.upper(), k))
-            if method == "fge" and "swa" in plan.methods:
-                rows.put("SWA", k, mean([("fge", f"swa{k}B")]), n, plan.cost("SWA", k))
-    for k in plan.subspace_budgets:
-        if "line" in plan.methods:
-            m = f"line{k}B"
-            even = [point_key(t) for t in torch.linspace(0.0, 1.0, samples)] if samples > 1 else [point_key(torch.tensor(0.5))]
-            rows.put("Line midpoint", k, mean([(m, "t=0.5000")]), 1, float(k))
-            rows.put("Line endpoints (ens.)", k, mean([(m, "t=0.0000"), (m, "t=1.0000")]), 2, float(k))
-            rows.put(f"Line {samples} points (ens.)", k, mean([(m, key) for key in even]), samples, float(k))
-        if "layerwise" in plan.methods:
-            m = f"layerwise{k}B"
-            rows.put("Line (layerwise) midpoint", k, mean([(m, "t=0.5000")]), 1, float(k))
-            rows.put("Line (layerwise) endpoints (ens.)", k, mean([(m, "t=0.0000"), (m, "t=1.0000")]), 2, float(k))
-        if "simplex" in plan.methods:
-            m = f"simplex{k}B"
-            keys = nets(m)
-            vertices = sorted({key.split("/", 1)[1] for key in keys if key.split("/", 1)[1].startswith("vertex")})
-            rows.put("Simplex centre", k, mean([(m, "centre")]), 1, float(k))
-            rows.put("Simplex vertices (ens.)", k, mean([(m, v) for v in vertices]), len(vertices), float(k))
-            rows.put(f"Simplex {samples} samples (ens.)", k, mean([(m, f"sample{i}") for i in range(samples)]), samples, float(k))
-    if "espro" in plan.methods:
-        for k in plan.budgets:
-            rows.put("ESPRO", k, mean([(f"spro{j}", f"sample{i}") for j in range(k) for i in range(samples)]), k * samples,
-                     plan.cost("ESPRO", k))
-    return rows
+    def put(self, row: str, k: int, split_probs: dict[str, Tensor], members: int, cost: float) -> None:
+        """Store row ``row`` (an identifier its method declares) at budget kB."""
+        self.rows.put(row, k, split_probs, members, cost, row_display(row, self.samples))
+
+
+def replicate_rows(plan: Plan, samples: int, root: Path) -> Rows:
+    """Every row of the table at every budget from the members' saved predictions under ``root``
+    (one replicate): the averages of :func:`evaluate_member`'s probabilities, built by each
+    method of the plan in the table's order."""
+    builder = RowBuilder(root, samples)
+    for name in in_table_order(plan.methods):
+        get_method(name).method.build_rows(plan, builder)
+    return builder.rows
 
 
 def row_metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
@@ -264,7 +223,7 @@ def save_replicate_predictions(rows: Rows, labels: dict[str, Tensor], path: Path
     for split, by_row in rows.probs.items():
         tensors[f"{split}/labels"] = labels[split].to(torch.int64).contiguous()
         for (row, k), p in by_row.items():
-            tensors[f"{split}/{row}@{k}B"] = (p[0] if p.shape[0] == 1 else p).to(torch.float32).contiguous()
+            tensors[f"{split}/{rows.names[row]}@{k}B"] = (p[0] if p.shape[0] == 1 else p).to(torch.float32).contiguous()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(path)

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .compare_plan import Plan
+from .method_registry import find_member
 
 #: the Trainer's plain progress line (``training._Progress``): "epoch 2/3 step 40/235 loss 0.4123 acc ..."
 STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) loss ([-+0-9.eEinfa]+)")
@@ -40,31 +40,19 @@ WAITING, RUNNING, ELSEWHERE, DONE = "waiting", "running", "running elsewhere", "
 
 
 # ---------------------------------------------------------------------------------------- the plan's updates
-def expected_updates(plan: Plan, name: str) -> int:
-    """Optimiser updates member ``name`` trains under ``plan`` (``ind3``, ``sse``, ``fge``, ``line2B``,
-    ``layerwise1B``, ``simplex1B``, ``spro0``); ValueError for another name."""
-    upe = plan.upe
-    if re.fullmatch(r"ind\d+", name):
-        return plan.B * upe
-    if name == "sse":
-        return plan.sse_epochs * upe
-    if name == "fge":   # FGE's own run starts from the pre-trained network at update 0
-        return plan.fge_epochs * upe
-    shape = re.fullmatch(r"(line|layerwise|simplex)(\d+)B", name)
-    if shape:
-        return int(shape.group(2)) * plan.B * upe
-    if re.fullmatch(r"spro\d+", name):
-        return max(0, plan.espro_vertices - 1) * plan.spro_epochs * upe
-    raise ValueError(f"unknown compare member {name!r}")
+def expected_updates(plan: Any, name: str) -> int:
+    """Optimiser updates member ``name`` trains under ``plan`` (a :class:`~subspaces.compare_plan.Plan`:
+    ``ind3``, ``sse``, ``fge``, ``line2B``, ``layerwise1B``, ``simplex1B``, ``spro0``, or a
+    member of another registered method); ValueError for a name no method of the plan trains."""
+    return find_member(plan.methods, plan, name)[1].updates
 
 
-def update_cost(plan: Plan, name: str) -> float:
+def update_cost(plan: Any, name: str) -> float:
     """Forward/backward passes per update of member ``name``: SPRO takes ``spro_samples_per_step``
     points per batch, so its updates weigh that much more in the time estimate."""
-    return float(max(1, plan.spro_samples_per_step)) if name.startswith("spro") else 1.0
+    return find_member(plan.methods, plan, name)[1].update_cost
 
 
-# ---------------------------------------------------------------------------------------- reading a member's files
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a torn line (a worker killed mid-write, or one being written) is skipped."""
     try:
@@ -209,7 +197,7 @@ class Member:
 class RunnerLike(Protocol):
     """What the display needs of a compare Runner (subspaces.compare_run.Runner)."""
 
-    plan: Plan
+    plan: Any
     root: Path
 
     def is_done(self, name: str) -> bool: ...

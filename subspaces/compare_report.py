@@ -16,22 +16,18 @@ from typing import Any
 
 from rich.table import Table
 
+from .method_registry import row_rank
+
 METRICS = ("acc", "nll", "ece", "brier")
-ROW_ORDER = ("Single network", "Ind", "SSE", "FGE", "SWA", "Line midpoint", "Line endpoints", "Line ", "Line (layerwise)", "Simplex centre",
-             "Simplex ", "ESPRO")
 
-
-def row_rank(row: str) -> tuple[int, str]:
-    """Rows in the table's order (baselines, snapshot methods, then subspaces), whatever order they
-    were stored in: the rank of the longest entry of ``ROW_ORDER`` the row starts with."""
-    matches = [(len(prefix), i) for i, prefix in enumerate(ROW_ORDER) if row == prefix or row.startswith(prefix)]
-    return (max(matches)[1] if matches else len(ROW_ORDER), row)
+__all__ = ["METRICS", "aggregate", "render_csv", "render_markdown", "rich_table", "row_rank"]
 
 
 def aggregate(per_seed: list[dict[str, Any]], budgets: list[int], intervals: dict[str, dict[str, Any]] | None = None
               ) -> dict[str, dict[str, Any]]:
-    """mean and std (over replicates) of every metric, per row and budget; rows keep their first
-    order. ``intervals``: {"ROW@kB": {"error": Interval, "nll": Interval}} adds ``error_lo`` /
+    """mean and std (over replicates) of every metric, per row and budget; rows in the table's
+    order (:func:`~subspaces.method_registry.row_rank`: the methods' registration order).
+    ``intervals``: {"ROW@kB": {"error": Interval, "nll": Interval}} adds ``error_lo`` /
     ``error_hi`` / ``nll_lo`` / ``nll_hi`` (the test split's bootstrap intervals) to the cells."""
     order: list[str] = []
     for rep in per_seed:

@@ -1,11 +1,12 @@
 """Training the comparison's members: one process each, in turn, in worker processes or shared out between ranks.
 
 A member is an independent run (an Ind network, the SSE or FGE run, a line, a simplex, a SPRO
-simplex) with a run folder of its own under ``OUTPUT/seedR/``. :class:`Runner` trains one member
-of a replicate (resuming its own checkpoint); :func:`run_members` trains every unfinished one:
-in this process, or ``jobs`` at a time in worker processes (``python -m subspaces.compare_worker``),
-each after the members it starts from, the ranks of a distributed launch claiming them through
-files. Every member trains alone, so the plan is the same under any launcher.
+simplex: each method's, :mod:`subspaces.methods`) with a run folder of its own under
+``OUTPUT/seedR/``. :class:`Runner` trains one member of a replicate (resuming its own
+checkpoint) by its method's :meth:`~subspaces.method_registry.CompareMethod.train`;
+:func:`run_members` trains every unfinished one: in this process, or ``jobs`` at a time in worker
+processes (``python -m subspaces.compare_worker``), each after the members it starts from, the
+ranks of a distributed launch claiming them through files. Every member trains alone, so the plan is the same under any launcher.
 """
 
 from __future__ import annotations
@@ -23,34 +24,27 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
-from .checkpoint import has_checkpoint, latest_checkpoint, read_progress, remove_checkpoints, save_optimizer_state
+from .checkpoint import has_checkpoint
 from .compare_eval import PREDICTIONS, evaluate_member
-from .compare_plan import OFFSETS, Plan
+from .compare_plan import Plan, in_table_order
 from .compare_progress import compare_progress
 from .data import DataBundle
 from .errors import PREEMPTED_STATUS, ConfigError, MemberFailed, NonFiniteLossError, Preempted
-from .io import load_model, save_model, write_json
-from .snapshots import is_finished, train_snapshots
-from .spro import grow_simplex
+from .io import write_json
+from .method_registry import Member, MethodEntry, find_member, get_method
+from .methods.common import log
+from .methods.ind import PRETRAIN_OPTIMIZER
 from .run_folder import make_accelerator, save_config
-from .settings import CompareConfig, SPROConfig
+from .settings import CompareConfig
 from .training import Trainer, create_timm_model, finish_run, wrap_subspace
+
+__all__ = ["LAUNCH_VARIABLES", "PRETRAIN_OPTIMIZER", "Runner", "Task", "default_jobs", "log", "run_members", "train_seconds",
+           "worker_environment"]
 
 #: environment variables of a distributed launch: a member's worker process must not see them,
 #: or accelerate would join it to the launcher's process group
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
                     "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-#: FGE's start: the optimiser state (momentum buffers) of Ind network 0 at the pre-training iteration
-PRETRAIN_OPTIMIZER = "optimizer.bin"
-
-
-def log(msg: str) -> None:
-    print(f"[compare] {msg}", file=sys.stderr, flush=True)
-
-
-
 
 
 def train_seconds(folder: Path) -> float:
@@ -95,85 +89,15 @@ class Runner:
         trainer.fit(resume=resume)
         finish_run(trainer, f"{name} (seed {seed})")
 
-    def ind(self, j: int) -> None:
-        seed = self.seed + OFFSETS["ind"] + j
-        if j != 0 or "fge" not in self.plan.methods:
-            return self.standard(f"ind{j}", seed, self.plan.B)
-        folder, pre = self.root / "ind0", self.root / "ind0" / "pretrain"
-        P = self.plan.pretrain_iter
-        pre_done = (pre / "model.safetensors").exists() and (pre / PRETRAIN_OPTIMIZER).exists()
-        if not (folder / "results.json").exists() and not pre_done and has_checkpoint(folder):
-            if read_progress(latest_checkpoint(folder, verify=False))["updates"] >= P:   # type: ignore[arg-type]
-                log(f"{folder}: its checkpoint is past iteration {P} but the FGE pre-training checkpoint is missing: training it again")
-                remove_checkpoints(folder)
-
-        def save_pretrain(trainer: Any, update: int) -> None:
-            if update != P:
-                return
-            if trainer.accelerator.is_main_process:   # FGE starts from these weights and momentum buffers
-                save_model(trainer.unwrapped, pre / "model", {**self.spec, "pretrain_of": str(folder), "iteration": update})
-                save_optimizer_state(trainer.optimizer, pre / PRETRAIN_OPTIMIZER)
-            trainer.accelerator.wait_for_everyone()
-            log(f"{pre}: weights and optimiser state after iteration {update} ({update / self.plan.budget_iters:.2f}B) saved for FGE")
-
-        return self.standard("ind0", seed, self.plan.B, on_update=save_pretrain)
-
-    def snapshots(self, method: str) -> None:
-        folder = self.root / method
-        p, a = self.plan, self.args
-        seed = self.seed + OFFSETS[method]
-        epochs = p.fge_epochs if method == "fge" else p.sse_epochs
-        margs = a.member(str(folder), seed=seed, epochs=epochs)
-        accelerator = make_accelerator(margs, project_dir=folder)
-        set_seed(seed)
-        resume = has_checkpoint(folder)
-        if method == "fge":
-            pre = self.root / "ind0" / "pretrain"
-            model = load_model(pre / "model.safetensors")
-            log(f"{folder}: FGE from {pre}, {epochs} epochs, cycle {p.fge_cycle} iterations" + (" (resuming)" if resume else ""))
-            res = train_snapshots("fge", margs, model, self.data, self.spec, folder, cycle=p.fge_cycle, lr_max=a.fge_lr_max,
-                                  lr_min=a.fge_lr_min, optimizer_state=pre / PRETRAIN_OPTIMIZER, accelerator=accelerator,
-                                  info={"start": str(pre), "start_iteration": p.pretrain_iter})
-        else:
-            model, _ = create_timm_model(margs, self.spec["num_classes"], self.spec["in_chans"])
-            lr_max = a.sse_lr_max if a.sse_lr_max is not None else a.lr
-            log(f"{folder}: SSE from scratch, {epochs} epochs, cycle {p.sse_cycle} iterations, seed {seed}" + (" (resuming)" if resume else ""))
-            res = train_snapshots("sse", margs, model, self.data, self.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=accelerator)
-        log(f"{folder}: {len(res['snapshots'])} snapshots")
-
-    def spro(self, j: int) -> None:
-        """SPRO [B] from Ind network j: the library's :func:`subspaces.spro.grow_simplex`, one stage per added vertex."""
-        p, folder = self.plan, self.root / f"spro{j}"
-        base = self.root / f"ind{j}" / "model.safetensors"
-        seed = self.seed + OFFSETS["espro"]
-        margs = self.args.member(str(folder), SPROConfig, seed=seed, epochs=p.spro_epochs, checkpoints=[str(base)],
-                                 vertices=p.espro_vertices, lr=self.args.spro_lr, warmup_epochs=0,
-                                 volume_lambda=self.args.spro_volume_lambda, samples_per_step=p.spro_samples_per_step)
-        folder.mkdir(parents=True, exist_ok=True)
-        log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
-        set_seed(seed + j)
-        # the replicate's images, as every other member: SPRO's own data would be drawn with its seed
-        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j, data=self.data)
+    def member(self, name: str) -> tuple[MethodEntry, Member]:
+        """The method of the plan that trains member ``name``, and the member (ValueError if none)."""
+        return find_member(self.plan.methods, self.plan, name)
 
     def tasks(self, replicate: int) -> list[Task]:
-        """The members of this replicate in the order they start, each after the members it starts from."""
-        p = self.plan
-        # the longest runs first, so that worker processes finish together: ind0 (FGE starts
-        # from it), SSE (top x B), FGE (top x B - 0.8B), then the rest
-        inds = [Task(replicate, f"ind{j}") for j in range(max(p.budgets))]
-        out = inds[:1]
-        if "sse" in p.methods:
-            out.append(Task(replicate, "sse"))
-        if "fge" in p.methods:
-            out.append(Task(replicate, "fge", ("ind0",)))
-        out += inds[1:]
-        for k in p.subspace_budgets:
-            for shape in ("line", "layerwise", "simplex"):
-                if shape in p.methods:
-                    out.append(Task(replicate, f"{shape}{k}B"))
-        if "espro" in p.methods:
-            out += [Task(replicate, f"spro{j}", (f"ind{j}",)) for j in range(max(p.budgets))]
-        return out
+        """The members of this replicate in the order they start, each after the members it starts
+        from: the methods' members in their ``rank`` order (ties in the table's order)."""
+        members = [m for name in in_table_order(self.plan.methods) for m in get_method(name).method.members(self.plan)]
+        return [Task(replicate, m.name, m.deps) for m in sorted(members, key=lambda m: m.rank)]
 
     def log_path(self, name: str) -> Path:
         """Where a worker process writes member ``name``'s output."""
@@ -184,16 +108,8 @@ class Runner:
         return self.is_trained(name) and (self.root / name / PREDICTIONS).exists()
 
     def is_trained(self, name: str) -> bool:
-        folder = self.root / name
-        if name in ("fge", "sse"):
-            return is_finished(folder)
-        if name.startswith("spro"):
-            return (folder / f"vertex{self.plan.espro_vertices - 1}" / "subspace.safetensors").exists()
-        done = (folder / "results.json").exists()
-        if done and name == "ind0" and "fge" in self.plan.methods and not (folder / "pretrain" / "model.safetensors").exists():
-            raise ConfigError(f"{folder} is finished but its FGE pre-training checkpoint {folder / 'pretrain'} is missing: "
-                              f"delete {folder} to train it again")
-        return done
+        entry, member = self.member(name)
+        return entry.method.is_trained(self, member)
 
     def run_task(self, name: str) -> None:
         """Train member ``name`` of this replicate (resuming its own checkpoint if it has one),
@@ -208,22 +124,8 @@ class Runner:
 
     def train(self, name: str) -> None:
         """Train member ``name`` of this replicate (resuming its own checkpoint if it has one)."""
-        p, a = self.plan, self.args
-        if name.startswith("ind"):
-            self.ind(int(name[3:]))
-        elif name in ("fge", "sse"):
-            self.snapshots(name)
-        elif name.startswith("spro"):
-            self.spro(int(name[4:]))
-        elif name.startswith(("line", "layerwise", "simplex")) and name.endswith("B"):
-            shape = next(s for s in ("line", "layerwise", "simplex") if name.startswith(s))
-            k = int(name[len(shape):-1])
-            extra = {"beta": a.simplex_beta, "vertices": a.simplex_vertices} if shape == "simplex" else {"beta": a.line_beta}
-            if shape == "layerwise":
-                extra["layerwise"] = True
-            self.standard(name, self.seed + OFFSETS[shape] + k, k * p.B, "simplex" if shape == "simplex" else "line", **extra)
-        else:
-            raise ValueError(f"unknown compare member {name!r}")
+        entry, member = self.member(name)
+        entry.method.train(self, member)
 
 
 def worker_environment(threads: int, output: Path | None = None) -> dict[str, str]:

@@ -4,6 +4,8 @@
 flags, the replicate's seed and folder, and the member's name. The process rebuilds the data and
 the plan from the flags, so a member trains exactly as it would inside the compare's own process,
 and exits with the recipes' statuses (2 bad input, 1 a failed read or write, 3 a non-finite loss).
+It imports the modules of ``SUBSPACES_PLUGINS`` first (:func:`subspaces.cli.load_plugins`), as the
+compare did: the methods and shapes they register are known here too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m subspaces.compare_worker SPEC.json", file=sys.stderr)
         return 2
+    cli.load_plugins()   # the compare's SUBSPACES_PLUGINS, inherited: its methods and shapes
     return cli.run(lambda: train_member(argv[0]))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .method_registry import DEFAULT_METHODS
 from .settings_base import S, Settings, at_least, either, flag, new_default, one_of, setting
 from .settings_sections import (
     COMPILE_MODES,
@@ -57,8 +58,8 @@ __all__ = [
 #: the ``--subspace`` values of the built-in shapes, as at import (:func:`subspace_choices`
 #: also lists the shapes registered since)
 SHAPE_NAMES = subspace_choices()
-#: the rows the comparison can train (``ind`` always runs)
-METHODS = ("ind", "sse", "fge", "swa", "line", "layerwise", "simplex", "espro")
+#: the methods the comparison runs by default (``ind`` always runs); any registered method may be named
+METHODS = DEFAULT_METHODS
 
 
 # ---------------------------------------------------------------------------------------- recipes
