@@ -14,7 +14,6 @@ Everything that reads a file or estimates a time is a small pure function, testa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -28,8 +27,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .method_registry import find_member
+from .metrics_log import read_metrics
 
-#: the Trainer's plain progress line (``training._Progress``): "epoch 2/3 step 40/235 loss 0.4123 acc ..."
+#: the Trainer's plain progress line (``progress.EpochProgress``): "epoch 2/3 step 40/235 loss 0.4123 acc ..."
 STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+) loss ([-+0-9.eEinfa]+)")
 #: the Trainer's line at an epoch's end: "epoch 2: train loss 0.4011 acc 0.8512 | ..."
 EPOCH_LINE = re.compile(r"^epoch (\d+): train loss ([-+0-9.eEinfa]+)")
@@ -51,23 +51,6 @@ def update_cost(plan: Any, name: str) -> float:
     """Forward/backward passes per update of member ``name``: SPRO takes ``spro_samples_per_step``
     points per batch, so its updates weigh that much more in the time estimate."""
     return find_member(plan.methods, plan, name)[1].update_cost
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn line (a worker killed mid-write, or one being written) is skipped."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 @dataclass(frozen=True)

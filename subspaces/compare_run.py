@@ -11,7 +11,6 @@ ranks of a distributed launch claiming them through files. Every member trains a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 from accelerate.utils import set_seed
 
+from . import metrics_log
 from .checkpoint import has_checkpoint
 from .compare_eval import PREDICTIONS, evaluate_member
 from .compare_plan import Plan, in_table_order
@@ -49,11 +49,7 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
 
 def train_seconds(folder: Path) -> float:
     """Seconds of training a member folder records (its epochs in metrics.jsonl, SPRO stages included)."""
-    total = 0.0
-    for path in [folder / "metrics.jsonl", *sorted(folder.glob("vertex*/metrics.jsonl"))]:
-        if path.exists():
-            total += sum(json.loads(ln).get("seconds", 0.0) for ln in path.read_text().splitlines() if ln.strip())
-    return total
+    return metrics_log.train_seconds([folder / "metrics.jsonl", *sorted(folder.glob("vertex*/metrics.jsonl"))])
 
 
 @dataclass(frozen=True)
