@@ -132,10 +132,7 @@ def load_plane(inputs: list[str], curve: str):
     if len(inputs) != 3:
         raise ConfigError(f"plane.py takes one connect run folder or three models A THETA B, got {len(inputs)} inputs")
     models = [load_model(path) for path in inputs]
-    try:
-        check_same_architecture(models)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(models)
     sub = Simplex.connect(models)
     labels = {"A": Path(inputs[0]).stem, "THETA": Path(inputs[1]).stem, "B": Path(inputs[2]).stem}
     fn = None

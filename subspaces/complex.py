@@ -181,10 +181,7 @@ class SimplicialComplex(Subspace):
         models = list(models)
         if len(models) < 2:
             raise ConfigError(f"SimplicialComplex.connect got {len(models)} model(s): pass at least 2 trained networks (the modes)")
-        try:
-            check_same_architecture(models)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_same_architecture(models)
         sub = cls(models[0], modes=len(models), shared=shared, _endpoints=models, **kwargs)
         for k in range(sub.modes):
             sub.freeze_anchor(k)
@@ -369,10 +366,7 @@ def run_complex(args: ComplexConfig) -> dict[str, Any]:
     evaluate the complex and write ``results.json`` (and ``complex.safetensors``) to ``--output``."""
     started = time.perf_counter()
     modes = [load_model(p) for p in args.checkpoints]
-    try:
-        check_same_architecture(modes)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(modes)
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
         spec = dict(modes[0].spec)

@@ -24,7 +24,7 @@ def run_connect(args: ConnectConfig) -> dict[str, Any]:
     model_a, model_b = load_model(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([model_a, model_b])
-    except ValueError as err:
+    except ConfigError as err:   # the message names the files, not "model 0" / "model 1" alone
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
     spec = dict(model_a.spec)
     with prepare_run(args) as run:

@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 from accelerate.logging import get_logger
 
-from .errors import ConfigError
 from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model, load_subspace, write_json
@@ -70,10 +69,7 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
 def run_spro(args: SPROConfig) -> dict[str, Any]:
     """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
     bases = [load_model(p) for p in args.checkpoints]
-    try:
-        check_same_architecture(bases)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(bases)
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
         run.record(dict(bases[0].spec))
