@@ -71,7 +71,7 @@ def analyse(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     (a, spec_a), b = load_model_with_spec(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([a, b])
-    except ValueError as err:
+    except ConfigError as err:   # the message names the files, not "model 0" / "model 1" alone
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
     curves = []
     for run in args.curve:

@@ -133,10 +133,7 @@ def load_plane(inputs: list[str], curve: str):
         raise ConfigError(f"plane.py takes one connect run folder or three models A THETA B, got {len(inputs)} inputs")
     loaded = [load_model_with_spec(path) for path in inputs]
     models = [model for model, _ in loaded]
-    try:
-        check_same_architecture(models)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(models)
     sub = Simplex.connect(models)
     labels = {"A": Path(inputs[0]).stem, "THETA": Path(inputs[1]).stem, "B": Path(inputs[2]).stem}
     fn = None

@@ -103,10 +103,7 @@ def segment_barriers(
     same models and batches give the same numbers.
     """
     t = _check_points(points)
-    try:
-        line = Line.connect(model_a, model_b)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    line = Line.connect(model_a, model_b)
     device = next((p.device for p in model_a.parameters()), torch.device("cpu"))
     line = line.to(device)
     res = evaluate_points(line, t, loaders=dict(loaders), bn_loader=bn_loader, bn_batches=bn_batches, progress=progress)

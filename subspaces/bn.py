@@ -16,15 +16,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 
 _INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 
 
-def batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
+#: every BatchNorm-type module class of PyTorch; timm's (BatchNormAct2d, SyncBatchNormAct, SplitBatchNorm2d) subclass them
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                                nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
     """Every BatchNorm-type module (BatchNorm1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return [m for m in model.modules() if isinstance(m, BATCHNORM_TYPES)]
 
 
 def batch_inputs(batch: Any) -> Any:

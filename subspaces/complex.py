@@ -167,10 +167,7 @@ class SimplicialComplex(Subspace):
         models = list(models)
         if len(models) < 2:
             raise ConfigError(f"SimplicialComplex.connect got {len(models)} model(s): pass at least 2 trained networks (the modes)")
-        try:
-            check_same_architecture(models)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_same_architecture(models)
         sub = cls(models[0], modes=len(models), shared=shared, _endpoints=models, **kwargs)
         for k in range(sub.modes):
             sub.freeze_anchor(k)

@@ -16,7 +16,6 @@ from .complex import SimplicialComplex, load_complex, save_complex
 from .complex_report import complex_cost, evaluate_complex, print_report
 from .compare_progress import StageProgress
 from .data import DataBundle, make_loader
-from .errors import ConfigError
 from .evaluation import bn_loader
 from .io import load_model_with_spec, write_json
 from .metrics_log import METRICS_FILE, train_seconds
@@ -71,10 +70,7 @@ def run_complex(args: ComplexConfig) -> dict[str, Any]:
     started = time.perf_counter()
     loaded = [load_model_with_spec(p) for p in args.checkpoints]
     modes, spec = [model for model, _ in loaded], dict(loaded[0][1])
-    try:
-        check_same_architecture(modes)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(modes)
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
         run.record(spec)

@@ -26,7 +26,7 @@ def run_connect(args: ConnectConfig) -> dict[str, Any]:
     (model_a, spec), model_b = load_model_with_spec(args.model_a), load_model(args.model_b)
     try:
         check_same_architecture([model_a, model_b])
-    except ValueError as err:
+    except ConfigError as err:   # the message names the files, not "model 0" / "model 1" alone
         raise ConfigError(f"{args.model_a} and {args.model_b}: {err}") from None
     with prepare_run(args) as run:
         data = build_data_for_spec(args, spec, model_a)

@@ -6,13 +6,14 @@ before the next batch is read:
 
 1. BatchNorm pass (:func:`bn_statistics`): each point gets its own BatchNorm buffers (fresh, as
    after ``reset_running_stats``); for every batch and every point, that point's buffers are
-   swapped into the BatchNorm modules and the network runs in train mode with momentum
+   copied into the BatchNorm modules' (:class:`subspaces.bn_states.BufferBank`), the network runs
+   in train mode, and the updated buffers are copied back; the momentum is
    n_b / (n_1 + ... + n_b) for batch b of n_b samples, so each point ends with the
    sample-weighted average of its batch statistics, sum_b n_b s_b / sum_b n_b: exactly what
    :func:`subspaces.bn.update_bn` computes (``torch.optim.swa_utils.update_bn`` if the batches
    are of equal size).
 2. Evaluation pass (:func:`evaluate_coefficients`): eval mode; for every batch and every point,
-   the point's buffers are swapped in and per-point sums of NLL and of correct predictions are
+   the point's buffers are copied in and per-point sums of NLL and of correct predictions are
    accumulated (and, optionally, those of probability-averaging ensembles of points).
 
 Points are given either as points of the shape (``t`` values, barycentric vectors) or directly
@@ -42,9 +43,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import batch_inputs, batch_weight, sample_momentum, update_bn
+from .bn_states import BNStates, BufferBank, tracked_batchnorms
 from .ensembles import _split_batch
 from .metrics import nll_per_example
 from .subspace import Subspace
@@ -63,7 +64,6 @@ __all__ = [
     "point_coefficients",
 ]
 
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 #: default budget of mixed weights kept for one pass of :func:`bn_statistics` / :func:`evaluate_coefficients`
 MIX_CACHE_BYTES = 1 << 30
 
@@ -130,54 +130,7 @@ def export_coefficients(sub: Subspace, coeffs: Any, bn_loader: Iterable | None =
     return model
 
 
-# ------------------------------------------------------------------------------------ BN states
-def _bn_modules(sub: Subspace) -> list[tuple[str, _BatchNorm]]:
-    """BatchNorm modules that keep running statistics (those without use batch statistics anyway)."""
-    return [(n, m) for n, m in sub.model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
-
-
-@dataclass
-class BNStates:
-    """Per-point BatchNorm buffers: ``states[i][module_name][buffer_name]`` (running_mean,
-    running_var, num_batches_tracked) for point ``i``; ``batches``: how many batches were averaged."""
-
-    states: list[dict[str, dict[str, Tensor]]]
-    batches: int = 0
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-
-@contextlib.contextmanager
-def _swapper(sub: Subspace) -> Iterator[Any]:
-    """Yields ``swap(state)`` that binds a point's BN buffers into the modules; restores the
-    subspace's own buffers afterwards."""
-    modules = _bn_modules(sub)
-    saved = {n: {b: m._buffers[b] for b in _BUFFERS if b in m._buffers} for n, m in modules}
-
-    def swap(state: dict[str, dict[str, Tensor]]) -> None:
-        for name, module in modules:
-            for buf, tensor in state[name].items():
-                module._buffers[buf] = tensor
-
-    try:
-        yield swap
-    finally:
-        for name, module in modules:
-            for buf, tensor in saved[name].items():
-                module._buffers[buf] = tensor
-
-
-def _fresh_state(sub: Subspace) -> dict[str, dict[str, Tensor]]:
-    out = {}
-    for name, m in _bn_modules(sub):
-        state = {"running_mean": torch.zeros_like(m.running_mean), "running_var": torch.ones_like(m.running_var)}
-        if m.num_batches_tracked is not None:
-            state["num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
-        out[name] = state
-    return out
-
-
+# ------------------------------------------------------------------------------------ passes
 def _device_of(sub: Subspace) -> torch.device:
     for p in sub.parameters():
         return p.device
@@ -266,7 +219,7 @@ def bn_statistics(
     """BatchNorm statistics at every one of N coefficient vectors, in one pass over ``loader``.
 
     For each batch b of n_b samples (at most ``max_batches``) and each point i: point i's buffers
-    are swapped in and the network runs in train mode at w_i with momentum n_b / (n_1 + ... + n_b)
+    are copied in and the network runs in train mode at w_i with momentum n_b / (n_1 + ... + n_b)
     (the same for every point), so after the pass each point holds the sample-weighted averages
     mean = sum_b n_b mean(x_b) / sum_b n_b and var = sum_b n_b var_unbiased(x_b) / sum_b n_b, as
     :func:`subspaces.bn.update_bn` gives for that point alone. The subspace's own buffers,
@@ -276,10 +229,11 @@ def bn_statistics(
     """
     _check_max_batches(max_batches)
     c = check_coefficients(sub, coeffs)
-    states = [_fresh_state(sub) for _ in range(c.shape[0])]
-    modules = _bn_modules(sub)
+    modules = tracked_batchnorms(sub.model)
+    bank = BufferBank(modules)
+    states, flat = map(list, zip(*(bank.fresh() for _ in range(c.shape[0]))))
     if not modules:
-        return BNStates(states, 0)
+        return BNStates(states, 0, flat)
     momenta = {n: m.momentum for n, m in modules}
     was_training = sub.training
     device = _device_of(sub)
@@ -288,7 +242,7 @@ def bn_statistics(
     total = _num_batches(loader, max_batches)
     try:
         sub.train()
-        with _swapper(sub) as swap, sub.weights_bound() as bind, \
+        with bank.bound(), sub.weights_bound() as bind, \
                 _progress_task(progress, "BatchNorm at every point", None if total is None else total * c.shape[0]) as advance:
             run = _PointRunner(sub, c, bind, mix_cache_bytes)
             for batch in _limited(loader, max_batches):
@@ -298,8 +252,9 @@ def bn_statistics(
                 for _, m in modules:
                     m.momentum = m_b
                 for i in range(c.shape[0]):
-                    swap(states[i])
+                    bank.load(flat[i])
                     run(i, x)
+                    bank.store(flat[i])
                     advance()
                 seen += 1
                 samples += b
@@ -309,7 +264,7 @@ def bn_statistics(
         sub.train(was_training)
     if seen == 0:
         raise ValueError("bn_statistics got an empty loader: BatchNorm statistics need at least one batch")
-    return BNStates(states, seen)
+    return BNStates(states, seen, flat)
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -396,9 +351,12 @@ def evaluate_coefficients(
     count = 0
     was_training = sub.training
     total = _num_batches(loader, max_batches)
+    bank = BufferBank(tracked_batchnorms(sub.model))
+    sources = None if bn_states is None else [bank.source(s, bn_states.flat[i] if bn_states.flat else None)
+                                              for i, s in enumerate(bn_states.states)]
     sub.eval()
     try:
-        with _swapper(sub) as swap, sub.weights_bound() as bind, \
+        with bank.bound(), sub.weights_bound() as bind, \
                 _progress_task(progress, "evaluate every point", None if total is None else total * n) as advance:
             run = _PointRunner(sub, c, bind, mix_cache_bytes)
             for batch in _limited(loader, max_batches):
@@ -406,8 +364,8 @@ def evaluate_coefficients(
                 x, y = _to(x, device), y.to(device)
                 kept: dict[int, Tensor] = {}
                 for i in range(n):
-                    if bn_states is not None:
-                        swap(bn_states.states[i])
+                    if sources is not None:
+                        bank.load(sources[i])
                     logits = run(i, x)
                     probs = torch.softmax(logits.float(), dim=-1)
                     nll[i] += nll_per_example(probs, y).double().sum().cpu()

@@ -34,21 +34,21 @@ def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
 
 
 def check_same_architecture(models: Sequence[nn.Module]) -> None:
-    """Raise ValueError naming the first parameter or buffer whose name or shape differs."""
+    """Raise ConfigError naming the first parameter or buffer whose name or shape differs."""
     ref = {n: t.shape for n, t in models[0].state_dict().items()}
     for i, m in enumerate(models[1:], start=1):
         other = {n: t.shape for n, t in m.state_dict().items()}
         for name, shape in ref.items():
             if name not in other:
-                raise ValueError(f"cannot connect these models: '{name}' is in model 0 but not in model {i} (different architectures?)")
+                raise ConfigError(f"cannot connect these models: '{name}' is in model 0 but not in model {i} (different architectures?)")
             if other[name] != shape:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot connect these models: '{name}' has shape {tuple(shape)} in model 0 but "
                     f"{tuple(other[name])} in model {i} (same architecture and num_classes needed)"
                 )
         for name in other:
             if name not in ref:
-                raise ValueError(f"cannot connect these models: '{name}' is in model {i} but not in model 0 (different architectures?)")
+                raise ConfigError(f"cannot connect these models: '{name}' is in model {i} but not in model 0 (different architectures?)")
 
 
 def _is_compiling() -> bool:

@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 from accelerate.logging import get_logger
 
-from .errors import ConfigError
 from .data import DataBundle, make_loader
 from .ensembles import Ensemble, evaluate
 from .io import load_model_with_spec, load_subspace, write_json
@@ -63,10 +62,7 @@ def run_spro(args: SPROConfig) -> dict[str, Any]:
     """Grow one simplex per checkpoint, then evaluate each simplex and their ESPRO ensemble."""
     loaded = [load_model_with_spec(p) for p in args.checkpoints]
     bases, spec = [model for model, _ in loaded], loaded[0][1]
-    try:
-        check_same_architecture(bases)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check_same_architecture(bases)
     with prepare_run(args) as run:
         out, accelerator = run.out, run.accelerator
         run.record(dict(spec))

@@ -19,6 +19,7 @@ from subspaces.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from subspaces.ensembles import evaluate
 from subspaces.io import save_model, save_subspace
 from subspaces.pointwise import (
+    BNStates,
     at_coefficients,
     bn_statistics,
     evaluate_coefficients,
@@ -132,6 +133,27 @@ def test_batched_points_equal_one_at_a_time(shape):
     for n, t in bn_buffers(sub).items():
         assert torch.equal(t, before[n]), n
     assert sub._fixed is None and sub.training
+
+
+def test_bn_states_are_read_from_their_tensors_also_when_replaced():
+    """evaluate_coefficients runs each point with the tensors in ``bn_states.states``: the same
+    bits from bn_statistics' flat buffers and from the per-buffer tensors alone, and a tensor
+    replaced by hand after bn_statistics is the one used."""
+    sub = ss.Bezier.connect(tiny_net(0), tiny_net(1), degree=2)
+    perturb(sub, 1)
+    loader = tiny_data(32, seed=1)
+    c = point_coefficients(sub, [0.0, 0.5])
+    states = bn_statistics(sub, c, loader)
+    flat = evaluate_coefficients(sub, c, loader, bn_states=states)
+    plain = evaluate_coefficients(sub, c, loader, bn_states=BNStates(states.states, states.batches))
+    assert torch.equal(flat.loss, plain.loss) and torch.equal(flat.acc, plain.acc)
+    name = next(iter(states.states[0]))
+    assert not torch.equal(states.states[0][name]["running_mean"], states.states[1][name]["running_mean"])
+    for module, bufs in states.states[0].items():   # point 0 now holds point 1's statistics, in new tensors
+        for buf in list(bufs):
+            bufs[buf] = states.states[1][module][buf].clone()
+    same = evaluate_coefficients(sub, c[[1, 1]], loader, bn_states=states)
+    assert torch.equal(same.loss[0], same.loss[1]) and torch.equal(same.loss[1], flat.loss[1])
 
 
 def test_batched_coefficients_off_the_shape_and_ensembles():

@@ -15,11 +15,11 @@ import pytest
 import timm
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn as torch_update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
 import subspaces as ss
+from subspaces.bn import BATCHNORM_TYPES
 from subspaces.ensembles import evaluate
 from subspaces.pointwise import bn_statistics, point_coefficients
 
@@ -56,8 +56,8 @@ def loader(n: int = N, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0, batch_
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def first_bn(model: nn.Module) -> tuple[str, _BatchNorm]:
-    return next((n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm))
+def first_bn(model: nn.Module) -> tuple[str, nn.Module]:
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, BATCHNORM_TYPES))
 
 
 def first_bn_input(model: nn.Module, x: Tensor) -> Tensor:
