@@ -146,7 +146,7 @@ def _path_factory(
     return lambda: load_fn(path)
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """(x, y) from a tuple/list batch or a dict with 'image'/'label' or 'x'/'y' keys."""
     if isinstance(batch, dict):
         for xk, yk in (("image", "label"), ("x", "y")):
@@ -212,7 +212,7 @@ def evaluate(
     by_size: list[ClassificationMetrics] = []
     try:
         for batch in _progress_iter(loader, show):
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             if device is not None:
                 x, y = x.to(device), y.to(device)
             if per_member:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .bn import batch_inputs, batch_weight, sample_momentum, update_bn
 from .bn_states import BNStates, BufferBank, tracked_batchnorms
-from .ensembles import _split_batch
+from .ensembles import split_batch
 from .metrics import nll_per_example
 from .subspace import Subspace
 
@@ -110,12 +110,8 @@ def at_coefficients(sub: Subspace, coeffs: Any) -> Iterator[Subspace]:
     c = check_coefficients(sub, coeffs)
     if c.shape[0] != 1:
         raise ValueError(f"at_coefficients takes one coefficient vector, got {c.shape[0]}")
-    previous = sub._fixed
-    sub._fixed = c[0]
-    try:
+    with sub.at_coefficients(c[0]):
         yield sub
-    finally:
-        sub._fixed = previous
 
 
 def export_coefficients(sub: Subspace, coeffs: Any, bn_loader: Iterable | None = None, bn_batches: int | None = None) -> nn.Module:
@@ -124,7 +120,7 @@ def export_coefficients(sub: Subspace, coeffs: Any, bn_loader: Iterable | None =
     c = check_coefficients(sub, coeffs)
     if c.shape[0] != 1:
         raise ValueError(f"export_coefficients takes one coefficient vector, got {c.shape[0]}")
-    model = sub._materialize(c[0])
+    model = sub.network_at(c[0])
     if bn_loader is not None:
         update_bn(model, bn_loader, max_batches=bn_batches)
     return model
@@ -360,7 +356,7 @@ def evaluate_coefficients(
                 _progress_task(progress, "evaluate every point", None if total is None else total * n) as advance:
             run = _PointRunner(sub, c, bind, mix_cache_bytes)
             for batch in _limited(loader, max_batches):
-                x, y = _split_batch(batch)
+                x, y = split_batch(batch)
                 x, y = _to(x, device), y.to(device)
                 kept: dict[int, Tensor] = {}
                 for i in range(n):

@@ -180,8 +180,14 @@ class Subspace(TimmOptimizerProtocol, nn.Module):
     @contextlib.contextmanager
     def at(self, point: Point) -> Iterator[Subspace]:
         """Context in which every forward runs at ``point``: ``with sub.at(0.5): sub(x)``."""
-        previous = self._fixed
-        self.set_point(point)
+        with self.at_coefficients(self.coefficients(self.validate_point(point))):
+            yield self
+
+    @contextlib.contextmanager
+    def at_coefficients(self, coeffs: Tensor) -> Iterator[Subspace]:
+        """Context in which every forward runs at w = sum_k coeffs[k] W_k (coeffs: Tensor[K],
+        already checked by the caller), then the point fixed before it again."""
+        previous, self._fixed = self._fixed, coeffs
         try:
             yield self
         finally:
@@ -317,7 +323,7 @@ class Subspace(TimmOptimizerProtocol, nn.Module):
         """Anchor k as a plain model of the wrapped class (current BatchNorm buffers)."""
         coeffs = torch.zeros(self.num_anchors)
         coeffs[self.check_anchor_index(k)] = 1.0
-        return self._materialize(coeffs)
+        return self.network_at(coeffs)
 
     def export(self, point: Point | None = None, bn_loader: Iterable | None = None, bn_batches: int | None = None) -> nn.Module:
         """The network at ``point`` (default: the centre) as an instance of the wrapped model's class.
@@ -325,13 +331,15 @@ class Subspace(TimmOptimizerProtocol, nn.Module):
         Its ``state_dict()`` loads with ``strict=True`` into a fresh model of the same config. With
         ``bn_loader`` its BatchNorm statistics are recomputed there (``bn_batches`` batches at most).
         """
-        model = self._materialize(self.coefficients(self.centre() if point is None else self.validate_point(point)))
+        model = self.network_at(self.coefficients(self.centre() if point is None else self.validate_point(point)))
         if bn_loader is not None:
             update_bn(model, bn_loader, max_batches=bn_batches)
         return model
 
     @torch.no_grad()
-    def _materialize(self, coeffs: Tensor) -> nn.Module:
+    def network_at(self, coeffs: Tensor) -> nn.Module:
+        """The plain model at w = sum_k coeffs[k] W_k (coeffs: Tensor[K]), its BatchNorm buffers
+        as the subspace holds them (see :meth:`export` to recompute them)."""
         return materialize(self.model, self._groups, [f.detach() for f in self._mix(coeffs)])
 
     def gram(self, names: Iterable[str] | None = None, centred: bool = False) -> Tensor:
