@@ -171,3 +171,21 @@ def test_every_flag_is_a_settings_field_with_the_same_default():
         assert flags == cls.field_names() - not_offered, (f"{name}: flags without a field {sorted(flags - cls.field_names())}, "
                                                           f"fields without a flag {sorted(cls.field_names() - not_offered - flags)}")
         assert cli.parse(parser, argv, cls) == cls(**fields), f"{name}: the flags' defaults differ from {cls_name}'s"
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A name another module needs is public: ``from .x import _y`` is refused inside the package,
+    and so is any import of another library's private module (``timm.models._x``)."""
+    found = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level >= 1:
+                    found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if _private(a.name)]
+                elif node.module and any(_private(part) for part in node.module.split(".")):
+                    found.append(f"{path.name}:{node.lineno} imports from {node.module}")
+                elif node.module:
+                    found += [f"{path.name}:{node.lineno} imports {a.name} from {node.module}" for a in node.names if _private(a.name)]
+            if isinstance(node, ast.Import):
+                found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if any(_private(p) for p in a.name.split("."))]
+    assert not found, found
