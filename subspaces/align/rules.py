@@ -18,7 +18,7 @@ walk leave the operation's inputs and outputs in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -100,6 +100,17 @@ def linear(lab: AxisLabels, node: fx.Node, name: str | None, weight: Any, bias: 
     return list(ax[:-1]) + [out]
 
 
+def _param_axes(lab: AxisLabels, params: list[tuple[str | None, Any]]) -> Iterator[list[int]]:
+    """The axis labels of a norm's scale / shift: of a named parameter, or of the graph value it
+    was passed as; absent ones (None, or values without labels) are skipped."""
+    for pname, t in params:
+        if t is None:
+            continue
+        p = lab.param(pname, t) if pname is not None and isinstance(t, Tensor) else lab.axes(t)
+        if p is not None:
+            yield p
+
+
 def norm_last(lab: AxisLabels, node: fx.Node, ax: list[int], n_norm: int, params: list[tuple[str | None, Any]], where: str) -> list[int]:
     """A norm over the last ``n_norm`` axes of x (LayerNorm, RMSNorm): over one axis its scale and
     shift Tensor[C] join that axis; over several, those axes and the parameters stay in place."""
@@ -107,12 +118,7 @@ def norm_last(lab: AxisLabels, node: fx.Node, ax: list[int], n_norm: int, params
     if n_norm != 1:
         for i in range(len(ax) - n_norm, len(ax)):
             lab.sp.fix(out[i], where, "a norm over several axes")
-    for pname, t in params:
-        if t is None:
-            continue
-        p = lab.param(pname, t) if pname is not None and isinstance(t, Tensor) else lab.axes(t)
-        if p is None:
-            continue
+    for p in _param_axes(lab, params):
         if n_norm == 1:
             out[-1] = lab.sp.union(out[-1], p[-1], where, "norm scale / shift")
         else:
@@ -129,12 +135,7 @@ def group_norm(lab: AxisLabels, node: fx.Node, ax: list[int], groups: int, param
     ok = groups in (1, c)
     if not ok:
         lab.sp.fix(out[1], where, f"GroupNorm with {groups} groups couples channels in blocks")
-    for pname, t in params:
-        if t is None:
-            continue
-        p = lab.param(pname, t) if pname is not None and isinstance(t, Tensor) else lab.axes(t)
-        if p is None:
-            continue
+    for p in _param_axes(lab, params):
         out[1] = lab.sp.union(out[1], p[0], where, "GroupNorm") if ok else FIXED
         if not ok:
             lab.sp.fix(p[0], where, "")
