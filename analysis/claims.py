@@ -35,20 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_seed(run: Path) -> int:
-    """The ``--seed`` a finished comparison ran with (its bootstrap's seed), from its results.json."""
+def run_seed(run: Path, default: int | None = None) -> int:
+    """The ``--seed`` a finished comparison ran with (its bootstrap's seed), from its results.json;
+    ``default`` when it has none (refused when there is no default)."""
     path = run / "results.json"
     if not path.exists():
+        if default is not None:
+            return default
         raise ConfigError(f"{path} is missing: pass the output folder of a finished recipes/compare.py run, or --seed")
     return int(json.loads(path.read_text())["protocol"]["seed"])
 
 
-def recompute(run: Path, split: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int | None = None) -> list:
-    """The claims of every replicate under ``run`` on ``split`` (bootstrap seed: the run's own by default)."""
+def replicate_paths(run: Path) -> list[Path]:
+    """``run/seedR/predictions.safetensors`` of every replicate, in replicate order."""
     paths = sorted(run.glob(f"seed*/{PREDICTIONS}"), key=lambda p: int(p.parent.name.removeprefix("seed")))
     if not paths:
         raise ConfigError(f"{run} holds no seed*/{PREDICTIONS}: pass the output folder of a finished recipes/compare.py run")
-    loaded = [load_replicate_predictions(p) for p in paths]
+    return paths
+
+
+def recompute(run: Path, split: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int | None = None) -> list:
+    """The claims of every replicate under ``run`` on ``split`` (bootstrap seed: the run's own by default)."""
+    loaded = [load_replicate_predictions(p) for p in replicate_paths(run)]
     if split not in loaded[0][0]:
         raise ConfigError(f"{run} has no {split} split in its predictions (a compare run with --holdout 0 has no validation split)")
     labels = loaded[0][0][split]
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps([c.to_dict() for c in claims], indent=1))
         else:
-            replicates = len(list(Path(args.run).glob(f"seed*/{PREDICTIONS}")))
+            replicates = len(replicate_paths(Path(args.run)))
             print("\n".join(render_claims(claims, replicates, "validation" if args.split == "val" else "test")))
 
     return cli.run(job)

@@ -21,9 +21,11 @@ import torch
 
 from subspaces import cli
 from subspaces.compare import BOOTSTRAP_RESAMPLES
-from subspaces.compare_eval import PREDICTIONS, load_replicate_predictions, per_example_losses
+from subspaces.compare_eval import load_replicate_predictions, per_example_losses
 from subspaces.errors import ConfigError
 from subspaces.stats import Bootstrap, paired_difference, verdict
+
+from claims import replicate_paths, run_seed  # noqa: E402  (the sibling analysis/claims.py: a run's replicates and seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +46,8 @@ def row_losses(run: Path, row: str, split: str) -> tuple[torch.Tensor, list[dict
     name, _, budget = row.rpartition("@")
     if not name or not budget.endswith("B") or not budget[:-1].isdigit():
         raise ConfigError(f"row {row!r}: write it as NAME@KB, e.g. 'Ind@1B' (the names are results.csv's)")
-    paths = sorted(run.glob(f"seed*/{PREDICTIONS}"), key=lambda p: int(p.parent.name.removeprefix("seed")))
-    if not paths:
-        raise ConfigError(f"{run} holds no seed*/{PREDICTIONS}: pass the output folder of a finished recipes/compare.py run")
     labels, out = None, []
-    for path in paths:
+    for path in replicate_paths(run):
         split_labels, rows = load_replicate_predictions(path)
         if split not in rows:
             raise ConfigError(f"{path} has no {split} split (a compare run with --holdout 0 has no validation split)")
@@ -72,10 +71,7 @@ def compare_rows(run_a: Path, row_a: str, run_b: Path, row_b: str, split: str, r
         raise ConfigError(f"the {split} labels of {run_a} and {run_b} differ: the runs drew other images "
                           "(use the same --data-seed, --train-subset, --eval-subset and --holdout)")
     n = min(len(a), len(b))
-    if seed is None:
-        config = run_a / "results.json"
-        seed = int(json.loads(config.read_text())["protocol"]["seed"]) if config.exists() else 0
-    boot = Bootstrap(n, len(labels_a), resamples=resamples, seed=seed)
+    boot = Bootstrap(n, len(labels_a), resamples=resamples, seed=run_seed(run_a, default=0) if seed is None else seed)
     out: dict = {"split": split, "replicates": n, "examples": len(labels_a), "a": f"{run_a}:{row_a}", "b": f"{run_b}:{row_b}"}
     for metric in ("error", "nll"):
         xa = torch.stack([r[metric] for r in a[:n]]).numpy()

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _tool():
+    if str(REPO / "analysis") not in sys.path:   # as `python analysis/paired.py` has it: its sibling claims.py importable
+        sys.path.insert(0, str(REPO / "analysis"))
     spec = importlib.util.spec_from_file_location("paired_tool", REPO / "analysis" / "paired.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
