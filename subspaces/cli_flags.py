@@ -66,7 +66,7 @@ DATA = group("data", DataConfig, LoaderConfig)
 AUGMENT = group("training augmentation (timm names; evaluation and BatchNorm images are never augmented)", TransformConfig, MixingConfig)
 OPTIM = group("optimisation (timm names)", OptimConfig)
 RUN = group("run", "config", "mixed_precision", "grad_accum_steps", "seed", "output", "resume", "checkpoint_hist", "log_interval",
-            "eval_every", "cpu", "torchcompile", "torchcompile_mode", "log_with", "export_format")
+            "eval_every", "cpu", "torchcompile", "torchcompile_mode", "channels_last", "log_with", "export_format")
 SUBSPACE = group("subspace", "subspace", "degree", "bends", "vertices", "layerwise", "sampling", "same_point", CosineConfig, VolumeConfig,
                  "include", "exclude")
 STOP = group(None, StopConfig)

@@ -33,6 +33,7 @@ from .io import load_model
 from .method_registry import find_member, get_method, row_display
 from .methods.common import draw_seed, point_key
 from .metrics import metrics_from_probs
+from .models import channels_last_input, use_channels_last
 
 __all__ = ["PREDICTIONS", "SPLITS", "NetworkContext", "RowBuilder", "Rows", "draw_seed", "evaluate_member", "load_replicate_predictions",
            "member_networks", "per_example_losses", "point_key", "predict", "replicate_rows", "row_metrics", "save_replicate_predictions",
@@ -106,16 +107,21 @@ def member_networks(name: str, folder: Path, plan: Plan, samples: int, seed: int
 
 
 def evaluate_member(name: str, folder: Path, plan: Plan, data: DataBundle, *, samples: int, seed: int, batch_size: int,
-                    eval_batch_size: int, bn_batches: int) -> Path:
+                    eval_batch_size: int, bn_batches: int, channels_last: bool = False) -> Path:
     """Predict every network of member ``name`` on the validation and test splits and write
-    ``folder/predictions.safetensors`` (keys ``split/network``, float32 [N, C]); returns its path."""
+    ``folder/predictions.safetensors`` (keys ``split/network``, float32 [N, C]); returns its path.
+    The splits' batches are loaded once for all the member's networks; ``channels_last``: each
+    network (after its BatchNorm is recomputed) and the batches in that layout (same values)."""
     bn = make_loader(data.bn, batch_size, shuffle=False)
-    loaders = split_loaders(data, eval_batch_size)
+    layout = channels_last_input if channels_last else (lambda x: x)
+    batches = {split: [(layout(x), y) for x, y in loader] for split, loader in split_loaders(data, eval_batch_size).items()}
     tensors: dict[str, Tensor] = {}
     for key, make in member_networks(name, folder, plan, samples, seed, bn, bn_batches):
         net = make()
-        for split, loader in loaders.items():
-            tensors[f"{split}/{key}"] = predict(net, loader).contiguous()
+        if channels_last:
+            use_channels_last(net)
+        for split, split_batches in batches.items():
+            tensors[f"{split}/{key}"] = predict(net, split_batches).contiguous()
         del net
     path = folder / PREDICTIONS
     tmp = path.with_suffix(".tmp")

@@ -81,7 +81,8 @@ class Runner:
         resume = has_checkpoint(folder)
         what = "standard network" if subspace == "none" else f"{subspace} from scratch"
         log(f"{folder}: {what}, {epochs} epochs, seed {seed}" + (" (resuming)" if resume else ""))
-        trainer = Trainer(margs, net, self.data, self.spec, accelerator, folder, on_update=on_update)
+        # no evaluation by the member's own loop: run_task predicts each network it contributes, once
+        trainer = Trainer(margs, net, self.data, self.spec, accelerator, folder, on_update=on_update, final_evaluation=False)
         trainer.fit(resume=resume)
         finish_run(trainer, f"{name} (seed {seed})")
 
@@ -115,7 +116,7 @@ class Runner:
         a = self.args
         t0 = time.perf_counter()
         evaluate_member(name, self.root / name, self.plan, self.data, samples=a.samples, seed=self.seed, batch_size=a.batch_size,
-                        eval_batch_size=a.eval_batch_size, bn_batches=a.bn_batches)
+                        eval_batch_size=a.eval_batch_size, bn_batches=a.bn_batches, channels_last=a.channels_last)
         log(f"{self.root / name}: evaluated in {time.perf_counter() - t0:.0f} s")
 
     def train(self, name: str) -> None:

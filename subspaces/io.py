@@ -196,9 +196,12 @@ def save_for_timm(model: nn.Module, folder: str | os.PathLike, spec: dict[str, A
         if spec.get(key) is not None:
             data_config[key] = tuple(spec[key])
     record = {k: v for k, v in spec.items() if k not in ("weights", "kind")}
+    if not _on_cpu(model) or not all(t.is_contiguous() for t in model.state_dict().values()):
+        # safetensors stores contiguous tensors only: a copy on the CPU in the default layout (a --channels-last run)
+        model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     with atomic_path(folder) as tmp:
         try:
-            save_for_hf(model if _on_cpu(model) else copy.deepcopy(model).cpu(), str(tmp), model_args=model_args, safe_serialization=True,
+            save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True,
                         data_config=data_config or None)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"save_for_timm: timm cannot describe this {spec['model']}: {str(err).splitlines()[0]}") from None

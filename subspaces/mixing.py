@@ -203,14 +203,19 @@ def mix(
     return out
 
 
-def bind(groups: Sequence[AnchorGroup], mixed: Sequence[Any], detach: bool = False) -> None:
+def bind(groups: Sequence[AnchorGroup], mixed: Sequence[Any], detach: bool = False,
+         memory_format: torch.memory_format | None = None) -> None:
     """Bind mixed weights (per group: a flat tensor or a tuple of parameter tensors, as :func:`mix`
-    returns) to the owning modules' attributes; ``detach=True`` binds them without autograd history."""
+    returns) to the owning modules' attributes; ``detach=True`` binds them without autograd history.
+    ``memory_format``: 4-D weights are bound as a copy in that format (``torch.channels_last``;
+    the copy's gradient flows back to the mixed weight), others as they are."""
     for g, group in zip(groups, mixed):
         if isinstance(group, Tensor):
             group = [p.view(shape) for p, shape in zip(torch.split(group.reshape(-1), g.numels), g.shapes)]
         for tensor, owners in zip(group, g.owners):
             if detach:
                 tensor = tensor.detach()
+            elif memory_format is not None and tensor.ndim == 4:
+                tensor = tensor.contiguous(memory_format=memory_format)
             for module, attr in owners:
                 module.__dict__[attr] = tensor

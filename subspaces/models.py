@@ -20,7 +20,7 @@ from .input_spec import required_img_size
 from .errors import ConfigError
 from .init import rebuilding_init
 from .shape_registry import get_shape
-from .subspace import layout_for
+from .subspace import Subspace, layout_for
 from .settings import POINT_SEED_STRIDE, DataConfig, DataRun, ModelConfig, ModelRun, TrainRunConfig
 
 
@@ -146,6 +146,21 @@ def wrap_subspace(args: TrainRunConfig, model: nn.Module, rank: int = 0) -> nn.M
         init = rebuilding_init(lambda: create_timm_model(args, num_classes, in_chans, pretrained=False)[0])
     return get_shape(args.subspace).cls(model, sampling=sampling, seed=seed, include=args.include, exclude=args.exclude,
                                         layout=layout, init=init, **args.shape_kwargs())
+
+
+def use_channels_last(net: nn.Module) -> nn.Module:
+    """Run ``net``'s convolutions in channels-last (NHWC) memory layout (timm's ``--channels-last``):
+    its 4-D parameters and buffers converted in place; a Subspace binds the 4-D weights of each
+    point in that layout (:meth:`~subspaces.subspace.Subspace.use_memory_format`). Values and
+    checkpoints are unchanged; returns ``net``."""
+    if isinstance(net, Subspace):
+        return net.use_memory_format(torch.channels_last)
+    return net.to(memory_format=torch.channels_last)
+
+
+def channels_last_input(x: Any) -> Any:
+    """A batch of images ``[B, C, H, W]`` in channels-last layout (the same values); other inputs as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
 
 
 def compile_model(model: nn.Module, backend: str | None, mode: str | None = None) -> nn.Module:

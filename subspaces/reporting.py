@@ -64,7 +64,8 @@ def save_exports(net: nn.Module, out: Path, spec: dict[str, Any], data: DataBund
 def save_results(title: str, results: dict[str, dict[str, float]], out: Path) -> None:
     """``out/results.json`` (``{"title", "results"}``) and the results table on the console."""
     write_json({"title": title, "results": results}, out / "results.json")
-    Console().print(results_table(title, results))
+    if results:
+        Console().print(results_table(title, results))
 
 
 def rank_report(net: nn.Module, accelerator: Accelerator, examples_seen: int, results: dict[str, Any]) -> dict[str, Any]:

@@ -284,7 +284,8 @@ class CompareConfig(TrainConfig, ModelConfig, DataConfig, RunConfig):
     def member(self, output: str, settings: type[S] | None = None, **changes: Any) -> Any:
         """The settings of one member run of the comparison (``settings``, default
         :class:`TrainRunConfig`): this run's model, data and optimisation, no regulariser, one
-        point per batch, evaluated once after its last epoch, with ``changes`` (seed, epochs, shape...)."""
+        point per batch, not evaluated by its own loop (the compare predicts every network a member
+        contributes: :func:`subspaces.compare_eval.evaluate_member`), with ``changes`` (seed, epochs, shape...)."""
         cls = settings or TrainRunConfig
         base = {name: getattr(self, name) for name in self.field_names() & cls.field_names()}
         # every member draws its images with the compare's data seed: members differ only in their own seed

@@ -251,13 +251,15 @@ def train_snapshots(
     accelerator: Any = None,
     info: dict[str, Any] | None = None,
     train_epochs: int | None = None,
+    final_evaluation: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` for ``args.epochs`` epochs with the FGE or SSE schedule, saving snapshots.
 
     ``cycle`` is in iterations (optimiser updates). ``optimizer_state`` (FGE): a saved optimiser
     whose momentum buffers are loaded before the first step. The run resumes from
     ``output/checkpoints`` when there is a complete one. Returns ``{"finished", "snapshots": [Snapshot],
-    "optimizer": sentence}``; a finished run writes ``output/snapshots.json``.
+    "optimizer": sentence}``; a finished run writes ``output/snapshots.json``. ``final_evaluation``:
+    as the :class:`~subspaces.training.Trainer`'s (False: no evaluation after the last epoch).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
@@ -282,7 +284,8 @@ def train_snapshots(
     saver = SnapshotSaver(snapshot_rule(method, cycle), out / SNAPSHOT_DIR, spec, bn_loader, args.bn_batches, {"snapshot_of": meta})
     if accelerator.is_main_process:
         write_run_config(args, out, spec)
-    trainer = Trainer(args, model, data, spec, accelerator, out, make_scheduler=make_scheduler, on_update=saver)
+    trainer = Trainer(args, model, data, spec, accelerator, out, make_scheduler=make_scheduler, on_update=saver,
+                      final_evaluation=final_evaluation)
     status = trainer.fit(resume=resume, train_epochs=train_epochs)
     snaps = list_snapshots(out)
     if status["finished"] and accelerator.is_main_process:

@@ -41,9 +41,11 @@ def same_inputs(spec: dict[str, Any], other: dict[str, Any]) -> bool:
     return all(spec.get(key) == other.get(key) for key in INPUT_FIELDS)
 
 
-def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int, data: DataBundle | None = None) -> Simplex:
+def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, index: int, data: DataBundle | None = None,
+                 evaluate: bool = True) -> Simplex:
     """SPRO from one trained network; each added vertex is a resumable stage ``out/vertexV``.
-    ``data``: the images to train on (default: the base network's dataset drawn as ``args`` say)."""
+    ``data``: the images to train on (default: the base network's dataset drawn as ``args`` say);
+    ``evaluate=False``: the stages are not evaluated (a caller that evaluates the simplex itself)."""
     base, spec = load_model_with_spec(base_path)
     if data is None:
         data = build_data_for_spec(args, spec, base)
@@ -55,7 +57,7 @@ def grow_simplex(args: SPROConfig, base_path: str, out: Path, accelerator: Any, 
                                       layout=layout_for(args.opt, args.layer_decay)),
         grow=Simplex.add_vertex, stage_args=lambda v, stage: dataclasses.replace(args, output=str(stage)),
         finish=lambda trainer, i, stage: finish_run(trainer, f"simplex {index}, {i + 2} vertices"),   # stage i adds vertex i + 1
-        data=data, spec=spec, accelerator=accelerator)
+        data=data, spec=spec, accelerator=accelerator, final_evaluation=evaluate)
 
 
 def run_spro(args: SPROConfig) -> dict[str, Any]:

@@ -27,13 +27,13 @@ S = TypeVar("S", bound=Subspace)
 def train_in_stages(stages: Sequence[tuple[str, str]], out: Path, progress: StageProgress, *, finished_file: str,
                     load: Callable[[Path], S], start: Callable[[], S], grow: Callable[[S], Any],
                     stage_args: Callable[[int, Path], TrainConfig], finish: Callable[[Trainer, int, Path], Any],
-                    data: DataBundle, spec: dict[str, Any], accelerator: Accelerator) -> S:
+                    data: DataBundle, spec: dict[str, Any], accelerator: Accelerator, final_evaluation: bool = True) -> S:
     """Train stage after stage; ``stages`` are (folder name, what it trains) pairs, stage v in
     ``out/<name>``. A stage whose folder holds ``finished_file`` is reused as ``load(folder)``;
     otherwise the subspace is ``start()`` (first trained stage) or grown by ``grow(sub)`` (a new
     anchor, the earlier ones frozen), trained with ``stage_args(v, folder)`` (its config.yaml
     written there) from the folder's checkpoint if it has one, and ``finish(trainer, v, folder)``
-    writes what marks the stage finished. Returns the subspace after the last stage."""
+    writes what marks the stage finished (``final_evaluation``: the Trainer's). Returns the subspace after the last stage."""
     sub: S | None = None
     for v, (name, what) in enumerate(stages):
         stage = out / name
@@ -52,7 +52,7 @@ def train_in_stages(stages: Sequence[tuple[str, str]], out: Path, progress: Stag
             save_config(args, str(stage / "config.yaml"))
         # a Trainer per stage, each with an accelerator of its own: accelerate names the checkpoints
         # under its project folder and keeps the objects registered for checkpointing
-        trainer = Trainer(args, sub, data, spec, make_accelerator(args, project_dir=stage), stage)
+        trainer = Trainer(args, sub, data, spec, make_accelerator(args, project_dir=stage), stage, final_evaluation=final_evaluation)
         progress.begin(name)
         trainer.fit(resume=has_checkpoint(stage))
         finish(trainer, v, stage)

@@ -79,6 +79,9 @@ class Subspace(TimmOptimizerProtocol, nn.Module):
     """
 
     num_anchors: int
+    #: the memory format the 4-D weights of a point are bound in (:meth:`use_memory_format`);
+    #: None: as mixed, contiguous
+    weight_format: torch.memory_format | None = None
 
     def __init__(
         self,
@@ -232,7 +235,18 @@ class Subspace(TimmOptimizerProtocol, nn.Module):
             raise
 
     def _bind(self, mixed: list[Any], detach: bool = False) -> None:
-        mixing.bind(self._groups, mixed, detach=detach)
+        mixing.bind(self._groups, mixed, detach=detach, memory_format=None if detach else self.weight_format)
+
+    def use_memory_format(self, memory_format: torch.memory_format | None) -> Subspace:
+        """Bind the 4-D weights of each point in ``memory_format`` (``torch.channels_last``: the
+        convolutions run in NHWC, as timm's ``--channels-last`` runs a plain model; one copy of
+        those weights per forward, differentiable) and convert the wrapped model's own 4-D
+        parameters and buffers (those outside the subspace). The anchors keep their storage, so
+        checkpoints and values do not change; None: bind the mixed weights as they are. Returns self."""
+        self.weight_format = memory_format
+        if memory_format is not None:
+            self.model.to(memory_format=memory_format)
+        return self
 
     def _rebind_centre(self) -> None:
         """Show the centre's weights on the wrapped model between forwards."""

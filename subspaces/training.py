@@ -46,7 +46,7 @@ from .errors import ConfigError, NonFiniteLossError, Preempted
 from .evaluation import bn_loader, evaluate_trained
 from .io import write_json
 from .metrics_log import METRICS_FILE, append_metrics, flat_metrics, keep_epochs, print_epoch
-from .models import build_data_and_model, build_data_for_spec, compile_model, create_timm_model, wrap_subspace
+from .models import build_data_and_model, build_data_for_spec, channels_last_input, compile_model, create_timm_model, use_channels_last, wrap_subspace
 from .preemption import StopSignals
 from .progress import EpochProgress, PendingLosses
 from .regularizers import cosine_penalty, log_volume, reference_log_volume, volume_penalty
@@ -137,7 +137,9 @@ class Trainer:
     stepped after every update; like timm's, it applies layer decay (group g trains at the
     schedule's lr times the group's ``lr_scale``, the optimizer's lrs are left unscaled), as every
     schedule of :mod:`subspaces.schedules` does; ``on_update(trainer, update)`` runs after every optimiser update
-    (FGE/SSE collect snapshots there). ``train_epochs`` limits the epochs of this process (a
+    (FGE/SSE collect snapshots there). ``final_evaluation=False``: the trained networks are not
+    evaluated after the last epoch nor by :func:`finish_run`, for a caller that evaluates them
+    itself (the compare's members). ``train_epochs`` limits the epochs of this process (a
     budget cut: the run stops as if killed after a finished epoch, resumable).
 
     Checkpoints are accelerate's (``output/checkpoints/checkpoint_<i>``, the newest
@@ -154,6 +156,7 @@ class Trainer:
     output: Path
     make_scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None
     on_update: Callable[[Trainer, int], None] | None = None
+    final_evaluation: bool = True   # False: no evaluation after the last epoch nor in finish_run (the caller evaluates)
     optimizer: Any = None
     scheduler: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +194,8 @@ class Trainer:
         ``prepare``; :meth:`fit` calls it first, and a benchmark that times :meth:`train_epoch`
         alone calls it once itself."""
         a, accelerator = self.args, self.accelerator
+        if a.channels_last:
+            use_channels_last(self.model)
         self.optimizer = create_optimizer_v2(self.model, opt=a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
                                              layer_decay=a.layer_decay)
         self.mixer = batch_mixer(a, int(self.spec.get("num_classes") or self.data.num_classes))
@@ -248,7 +253,7 @@ class Trainer:
                     self.train_epoch(epoch, signals, position if epoch == start else None)
                     last = epoch + 1 == a.epochs
                     record = self.history[-1]
-                    if last or (epoch + 1) % a.eval_every == 0:
+                    if (last and self.final_evaluation) or (epoch + 1) % a.eval_every == 0:
                         record["eval"] = self.evaluate_now(final=False)
                     if accelerator.is_main_process:
                         append_metrics(metrics_path, record)
@@ -325,6 +330,7 @@ class Trainer:
         pending = PendingLosses(device, first + 1)
         accumulating, no_accumulation = a.grad_accum_steps > 1, contextlib.nullcontext()
         single = accelerator.num_processes == 1
+        channels_last = a.channels_last
         # [B]'s first S-1 points add their gradients locally (DDP decides in the forward, so the
         # forward goes inside too); the last point's backward all-reduces the sum, once per update:
         # sum_s mean_r g_rs = mean_r sum_s g_rs. Accumulation's no_sync wraps micro-batches that don't sync.
@@ -333,6 +339,8 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             for step, (x, y) in enumerate(loader, start=first + 1):
+                if channels_last:
+                    x = channels_last_input(x)
                 x, target = self._mix(x, y)   # train accuracy below stays against the original labels y
                 with accelerator.accumulate(self.model) if accumulating else no_accumulation:
                     if samples > 1:
@@ -427,9 +435,11 @@ class Trainer:
 
 
 def finish_run(trainer: Trainer, title: str) -> dict[str, dict[str, float]]:
-    """Final evaluation (every anchor too), exports and results.json; prints the results table."""
+    """Final evaluation (every anchor too), exports and results.json; prints the results table.
+    A trainer without ``final_evaluation`` (its caller evaluates the networks itself) records no
+    metrics in results.json."""
     accelerator, out = trainer.accelerator, trainer.output
-    results = trainer.evaluate_now(final=True)
+    results = trainer.evaluate_now(final=True) if trainer.final_evaluation else {}
     if accelerator.is_main_process:
         save_exports(trainer.unwrapped, out, trainer.spec, trainer.data, trainer.args)
         save_results(title, results, out)

@@ -147,6 +147,25 @@ def test_rows_from_saved_predictions_equal_a_direct_evaluation(compare_runs):
     assert table["Line endpoints (ens.)"]["1B"]["val_nll"] == pytest.approx(val["nll"], abs=1e-5)
 
 
+def test_members_leave_their_evaluation_to_the_compare(compare_runs):
+    """A member's own loop evaluates nothing (the compare predicts each network it contributes,
+    once): no evaluation in its metrics, no metrics in its results.json, its predictions saved."""
+    seed0 = compare_runs["out"] / "seed0"
+    checked = 0
+    for name in ("ind0", "line1B", "layerwise1B", "simplex1B", "fge", "sse", "spro0"):
+        folder = seed0 / name
+        assert (folder / "predictions.safetensors").exists(), name
+        for metrics in [folder / "metrics.jsonl", *sorted(folder.glob("vertex*/metrics.jsonl"))]:
+            if metrics.exists():
+                records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+                assert records and not any("eval" in r for r in records), metrics
+                checked += 1
+        for results in [folder / "results.json", *sorted(folder.glob("vertex*/results.json"))]:
+            if results.exists():
+                assert json.loads(results.read_text())["results"] == {}, results
+    assert checked >= 7
+
+
 def test_a_stopped_compare_reuses_its_finished_members(compare_runs):
     stop = compare_runs["after_stop"]
     assert compare_runs["rc_stop"] == 0

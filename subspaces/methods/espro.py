@@ -52,7 +52,7 @@ class ESPRO(CompareMethod):
         log(f"{folder}: SPRO from ind{j}, {p.espro_vertices} vertices, {p.spro_epochs} epochs per vertex")
         set_seed(seed + j)
         # the replicate's images, as every other member: SPRO's own data would be drawn with its seed
-        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j, data=runner.data)
+        grow_simplex(margs, str(base), folder, make_accelerator(margs, project_dir=folder), j, data=runner.data, evaluate=False)
 
     def is_trained(self, runner: Any, member: Member) -> bool:
         return (runner.root / member.name / f"vertex{runner.plan.espro_vertices - 1}" / "subspace.safetensors").exists()

@@ -66,12 +66,13 @@ class Snapshots(CompareMethod):
             log(f"{folder}: FGE from {pre}, {epochs} epochs, cycle {p.fge_cycle} iterations" + (" (resuming)" if resume else ""))
             res = train_snapshots("fge", margs, model, runner.data, runner.spec, folder, cycle=p.fge_cycle, lr_max=a.fge_lr_max,
                                   lr_min=a.fge_lr_min, optimizer_state=pre / PRETRAIN_OPTIMIZER, accelerator=accelerator,
-                                  info={"start": str(pre), "start_iteration": p.pretrain_iter})
+                                  info={"start": str(pre), "start_iteration": p.pretrain_iter}, final_evaluation=False)
         else:
             model, _ = create_timm_model(margs, runner.spec["num_classes"], runner.spec["in_chans"])
             lr_max = a.sse_lr_max if a.sse_lr_max is not None else a.lr
             log(f"{folder}: SSE from scratch, {epochs} epochs, cycle {p.sse_cycle} iterations, seed {seed}" + (" (resuming)" if resume else ""))
-            res = train_snapshots("sse", margs, model, runner.data, runner.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=accelerator)
+            res = train_snapshots("sse", margs, model, runner.data, runner.spec, folder, cycle=p.sse_cycle, lr_max=lr_max, accelerator=accelerator,
+                                  final_evaluation=False)
         log(f"{folder}: {len(res['snapshots'])} snapshots")
 
     def is_trained(self, runner: Any, member: Member) -> bool:

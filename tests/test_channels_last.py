@@ -1,0 +1,83 @@
+"""``--channels-last`` (timm's flag): convolutions in NHWC memory layout, values unchanged.
+
+A subspace binds the 4-D weights of each point as a channels-last copy; its outputs and its
+anchors' gradients equal the contiguous subspace's to float tolerance, and its anchors (so its
+checkpoints) keep their storage. A channels-last run exports timm folders (safetensors holds
+contiguous tensors only) and resumes bit-identically to a channels-last run without the stop.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import subspaces as ss
+from helpers import TINY, recipe_cmd, run
+from subspaces.models import channels_last_input, use_channels_last
+
+CL = torch.channels_last
+
+
+def _pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=10)
+        if kind == "line":
+            return ss.Line(model, seed=0)
+        if kind == "layerwise":
+            return ss.Line(model, seed=0, sampling="layerwise")
+        if kind == "simplex":
+            return ss.Simplex(model, vertices=3, seed=0)
+        return model
+    return make(), use_channels_last(make())
+
+
+@pytest.mark.parametrize("kind", ["plain", "line", "layerwise", "simplex"])
+def test_channels_last_gives_the_same_outputs_and_gradients(kind):
+    ref, cl = _pair(kind)
+    seen: list[bool] = []
+    convs = [m for m in cl.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.is_contiguous(memory_format=CL))) for m in convs]
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref.train()
+    cl.train()
+    out_ref, out_cl = ref(x), cl(channels_last_input(x))
+    torch.testing.assert_close(out_cl, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().sum().backward()
+    out_cl.square().sum().backward()
+    for (name, p), (name_cl, q) in zip(ref.named_parameters(), cl.named_parameters()):
+        assert name == name_cl
+        scale = float(p.grad.abs().max())   # NHWC kernels sum in another order: float32 rounding, relative to the gradient's size
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen), "every convolution ran on channels-last weights"
+    if isinstance(cl, ss.Subspace):   # the anchors keep their storage: checkpoints are unchanged
+        assert all(p.is_contiguous() for p in cl.anchors.parameters())
+        assert cl.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.parametrize("subspace", ["none", "line"])
+def test_channels_last_run_exports_and_resumes_bit_identically(subspace, tmp_path):
+    common = [*TINY, "--epochs", "2", "--subspace", subspace, "--channels-last"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    for cmd in (recipe_cmd("train.py", *common, "--output", full),
+                recipe_cmd("train.py", *common, "--output", stopped, "--stop-after-epochs", "1"),
+                recipe_cmd("train.py", *common, "--output", stopped, "--resume", stopped)):
+        result = run(cmd)
+        assert result.rc == 0, result.explain()
+    if subspace == "none":
+        weights = "model.safetensors"
+        loaded = timm.create_model(f"local-dir:{full / 'model'}", pretrained=True)   # timm's own folder
+        saved = load_file(str(full / weights))
+        assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items() if k in saved)
+    else:
+        weights = "subspace.safetensors"
+        assert (full / "exports" / "centre").exists()
+    a, b = load_file(str(full / weights)), load_file(str(stopped / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((full / "results.json").read_text())["results"] == json.loads((stopped / "results.json").read_text())["results"]
