@@ -1,4 +1,6 @@
-"""Benchmark: eager against compiled training (``--torchcompile``) in the Trainer, per model and shape.
+"""Benchmark: eager against compiled training (``--torchcompile``) in the Trainer, per model and shape;
+with ``--against channels-last``, eager against eager ``--channels-last`` (the same columns: the
+"compiled" runner is then the channels-last one and its first epoch compiles nothing).
 
 For every model (``--models``) and variant (``--variants``: plain, line, simplex) this builds, in
 ONE process, two ``subspaces.Trainer`` runners on the same synthetic data and init (the loop of
@@ -73,9 +75,13 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     first: dict[str, float] = {}
     for v in args.variants:
         for kind, backend in (("eager", None), ("compiled", args.backend)):
+            treated = backend is not None
+            if args.against == "channels-last":
+                backend = None
             config = ss.TrainConfig(epochs=1 + args.warmup + args.reps, batch_size=args.batch_size, lr=args.lr, momentum=0.9,
                                     sched="cosine", cpu=args.device == "cpu", log_interval=args.log_interval, mixed_precision="no",
-                                    seed=0, torchcompile=backend, torchcompile_mode=args.mode if backend else None)
+                                    seed=0, torchcompile=backend, torchcompile_mode=args.mode if backend else None,
+                                    channels_last=treated and args.against == "channels-last")
             key = f"{kind}:{v}"
             runner = loop_bench.TrainerLoop(wrap(base, v), data, config, workdir / f"{name}-{key.replace(':', '-')}")
             t0 = time.perf_counter()
@@ -113,9 +119,11 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Trainer epoch, eager vs --torchcompile {meta['backend']} (batch {meta['batch_size']}, {meta['img_size']}px, "
-                        f"{meta['threads']} thread(s)), {meta['reps']} interleaved rounds; speed-up eager/compiled [95% bootstrap interval]")
-    for col in ("model", "variant", "eager ms/step", "compiled ms/step", "speed-up", "paired", "first compile s", "break-even epochs", "load"):
+    against = "--channels-last" if meta.get("against") == "channels-last" else f"--torchcompile {meta['backend']}"
+    table = Table(title=f"Trainer epoch, eager vs {against} (batch {meta['batch_size']}, {meta['img_size']}px, "
+                        f"{meta['threads']} thread(s)), {meta['reps']} interleaved rounds; speed-up eager/{against} [95% bootstrap interval]")
+    treated = "channels-last" if meta.get("against") == "channels-last" else "compiled"
+    for col in ("model", "variant", "eager ms/step", f"{treated} ms/step", "speed-up", "paired", "first compile s", "break-even epochs", "load"):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for model, res in results.items():
         load = res["loadavg_1min"]
@@ -132,6 +140,8 @@ def print_table(results: dict[str, Any], meta: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     loop_bench.add_timing_args(p, models="test_resnet", batch_size=64, img_size=28, train_size=512, warmup=1, variants=VARIANTS)
+    p.add_argument("--against", choices=("compile", "channels-last"), default="compile",
+                   help="what eager training is compared with: --torchcompile, or eager --channels-last (default: %(default)s)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (default: %(default)s)")
     p.add_argument("--mode", default=None, help="torch.compile mode (default: torch's)")
     p.add_argument("--in-chans", type=int, default=1)
@@ -149,14 +159,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = {k: getattr(args, k) for k in ("models", "variants", "backend", "mode", "batch_size", "img_size", "in_chans", "train_size",
+    meta = {k: getattr(args, k) for k in ("models", "variants", "against", "backend", "mode", "batch_size", "img_size", "in_chans", "train_size",
                                           "reps", "warmup", "lr", "device", "seed", "warm_cache")}
     meta.update(threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch=torch.__version__,
                 python=platform.python_version(), cpu_count=os.cpu_count(), platform=platform.platform(),
                 command=" ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else None)
     results = {}
     with tempfile.TemporaryDirectory(prefix="compile_bench_") as tmp:
-        if not args.warm_cache:   # a cold compile, as a fresh clone's first member pays it
+        if not args.warm_cache and args.against == "compile":   # a cold compile, as a fresh clone's first member pays it
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
             os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
         for name in args.models:

@@ -100,6 +100,56 @@ class DataBundle:
 CACHE_BYTES = 1 << 30
 
 
+class _Pairs(list):
+    """A batch of ``(image, target)`` pairs that also holds them stacked (``x`` [B, C, H, W],
+    ``y`` int64 [B]): :func:`make_loader`'s collate returns those without stacking again; any
+    other collate sees a list of pairs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(zip(x.unbind(0), y.tolist()))
+        self.x, self.y = x, y
+
+
+def _batched_transform(transform: Any, pixels: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a transform that leaves the geometry of ``pixels`` as it is -- timm's eval transform at
+    the images' own size: Resize and CenterCrop to that size (no-ops), ToTensor, Normalize --
+    the same computation on a batch of them, uint8 [B, H, W] (or [B, H, W, 3]) -> float32
+    [B, C, H, W]: x / 255, then (x - mean) / std per channel, the float32 operations ToTensor and
+    Normalize do per image, so the same bits. None for any other transform or a mode conversion."""
+    from torchvision import transforms
+
+    native = "L" if pixels.ndim == 3 else "RGB" if pixels.ndim == 4 and pixels.shape[-1] == 3 else None
+    steps = getattr(transform, "transforms", None)
+    if native != mode or steps is None or pixels.shape[1] != pixels.shape[2]:
+        return None
+    size = int(pixels.shape[1])
+    square = lambda s: list(s) in ([size], [size, size]) if isinstance(s, (list, tuple)) else s == size  # noqa: E731
+    mean = std = None
+    for i, step in enumerate(steps):
+        if isinstance(step, transforms.Resize) and square(step.size) and step.max_size is None and mean is None:
+            continue
+        if isinstance(step, transforms.CenterCrop) and square(step.size) and mean is None:
+            continue
+        if type(step).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(step, transforms.ToTensor) and i == len(steps) - 2:
+            continue
+        if isinstance(step, transforms.Normalize) and i == len(steps) - 1 and i > 0:
+            mean, std = step.mean, step.std
+            continue
+        return None
+    if mean is None:
+        return None
+    chans = 1 if pixels.ndim == 3 else 3
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    if mean_t.shape[1] not in (1, chans) or std_t.shape[1] not in (1, chans):
+        return None
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
+        return x.to(torch.float32).div(255).sub_(mean_t).div_(std_t).contiguous()
+    return run
+
+
 class _ArrayImageDataset(Dataset):
     """In-memory uint8 images + int64 targets ``[N]``; ``__getitem__`` -> ``(transform(image), int)``.
 
@@ -107,7 +157,9 @@ class _ArrayImageDataset(Dataset):
     image becomes a PIL image in ``mode`` ("L" or "RGB": PIL's conversion repeats grey, RGB -> grey
     uses its ITU-R 601-2 luma) and goes through ``transform`` (timm's, ending in ToTensor +
     Normalize: float32 ``[C, S, S]``). A ``deterministic`` transform's outputs are kept (up to
-    :data:`CACHE_BYTES`) and handed out as copies."""
+    :data:`CACHE_BYTES`) and handed out as copies; a batch of indices (``__getitems__``, the
+    DataLoader's fetch) is transformed at once where :func:`_batched_transform` applies (the same
+    values) and handed out stacked (:class:`_Pairs`)."""
 
     def __init__(self, pixels: torch.Tensor, targets: torch.Tensor, *, mode: str, transform: Callable[[Any], torch.Tensor],
                  deterministic: bool = False) -> None:
@@ -117,6 +169,7 @@ class _ArrayImageDataset(Dataset):
         self.transform = transform
         self.cache: dict[int, torch.Tensor] | None = {} if deterministic else None
         self.cached_bytes = 0
+        self.batched = _batched_transform(transform, pixels, mode) if deterministic else None
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -130,10 +183,27 @@ class _ArrayImageDataset(Dataset):
         if image.mode != self.mode:
             image = image.convert(self.mode)
         x = self.transform(image)
-        if self.cache is not None and self.cached_bytes + x.nbytes <= CACHE_BYTES:
-            self.cache[index] = x.clone()
-            self.cached_bytes += x.nbytes
+        self._keep(index, x.clone())
         return x, int(self.targets[index])
+
+    def _keep(self, index: int, x: torch.Tensor) -> None:
+        if self.cache is not None and self.cached_bytes + x.nbytes <= CACHE_BYTES:
+            self.cache[index] = x
+            self.cached_bytes += x.nbytes
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The items at ``indices``, as ``[self[i] for i in indices]`` gives them; for a
+        deterministic transform stacked at once (a :class:`_Pairs`)."""
+        if self.cache is None:
+            return [self[i] for i in indices]
+        cache = self.cache
+        missing = list(dict.fromkeys(i for i in indices if i not in cache))
+        if missing and self.batched is not None:
+            fresh = self.batched(self.pixels[missing])
+            for i, x in zip(missing, fresh.unbind(0)):
+                self._keep(i, x)
+        xs = [cache[i] if i in cache else self[i][0] for i in indices]
+        return _Pairs(torch.stack(xs), self.targets[list(indices)].to(torch.int64))
 
 
 def _convert_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -480,6 +550,8 @@ def data_record(bundle: DataBundle) -> dict[str, Any]:
 def _collate_pairs(batch):
     from torch.utils.data import default_collate
 
+    if isinstance(batch, _Pairs):   # stacked by the dataset already
+        return batch.x, batch.y
     xs, ys = default_collate(batch)
     return xs, torch.as_tensor(ys, dtype=torch.int64)
 

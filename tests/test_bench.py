@@ -289,3 +289,27 @@ def test_gpu_check_dry_run_on_cpu_writes_every_part(tmp_path, monkeypatch):
     assert compiled.get("error") is None, compiled.get("traceback")
     assert set(compiled["models"]["test_resnet"]) >= {"plain", "line", "simplex"}
     assert _positive(compiled["models"]["test_resnet"]["line"]["ratio"])
+
+
+def test_compile_bench_against_channels_last_times_an_eager_channels_last_trainer(tmp_path, monkeypatch):
+    """``--against channels-last``: the treated runner trains eagerly in channels-last layout
+    (its convolutions see channels-last weights), and the ratios are reported as for compile."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    bench = _load("compile_bench")
+    seen: list[bool] = []
+    original = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        seen.append(self.weight.is_contiguous(memory_format=torch.channels_last))
+        return original(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    out = bench.main(["--against", "channels-last", "--models", "test_resnet", "--variants", "plain,line", "--reps", "1",
+                      "--warmup", "0", "--train-size", "8", "--batch-size", "4", "--output", str(tmp_path / "cl.json")])
+    assert out["meta"]["against"] == "channels-last"
+    for v in ("plain", "line"):
+        assert _positive(out["results"]["test_resnet"][v]["ratio"])
+    assert True in seen and False in seen, "the eager runners run contiguous weights, the treated ones channels-last"
+    sys.modules.pop("subspaces_compile_bench", None)

@@ -520,3 +520,38 @@ def test_unaugmented_images_are_transformed_once_and_handed_out_as_copies(monkey
 
     flipped = D.build_datasets("fashion-mnist", train_subset=16, eval_subset=8, seed=0, augment=Augmentation(hflip=0.5))
     assert flipped.train.dataset.cache is None and flipped.bn.dataset.cache is not None
+
+
+def _pil_reference(ds, indices):
+    """What the per-image path gives: PIL image in the split's mode, through its transform."""
+    from PIL import Image
+
+    return torch.stack([ds.transform(Image.fromarray(ds.pixels[i].numpy()).convert(ds.mode)) for i in indices])
+
+
+@pytest.mark.parametrize("case", ["grey", "rgb", "rgb_to_grey"])
+def test_batched_fetch_gives_the_per_image_bits(case, tmp_path, monkeypatch):
+    """A loader's batch of an unaugmented split (stacked at once by the dataset) holds exactly the
+    images and labels the per-image PIL path gives, in the loader's order; a split whose images
+    need a mode conversion takes the per-image path, with the same result."""
+    if case == "grey":
+        bundle = D.build_datasets("fashion-mnist", train_subset=300, eval_subset=200, holdout=50, seed=1)
+    else:
+        import torchvision.datasets.cifar as tv_cifar
+
+        _write_fake_cifar10(tmp_path)
+        monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+        bundle = D.build_datasets("cifar10", root=tmp_path, holdout=4, in_chans=1 if case == "rgb_to_grey" else None)
+    for split in (bundle.eval, bundle.bn, bundle.holdout):
+        base = getattr(split, "dataset", split)
+        order = list(split.indices) if base is not split else list(range(len(split)))
+        assert (base.batched is None) == (case == "rgb_to_grey")
+        xs, ys = [], []
+        for x, y in D.make_loader(split, 32, shuffle=False):
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            xs.append(x)
+            ys.append(y)
+        assert torch.equal(torch.cat(xs), _pil_reference(base, order))
+        assert torch.equal(torch.cat(ys), base.targets[order])
+        pairs = split.__getitems__([0, 1])   # any collate still sees (image, label) pairs
+        assert torch.equal(pairs[1][0], split[1][0]) and pairs[1][1] == split[1][1]
