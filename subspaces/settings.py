@@ -263,6 +263,8 @@ class CompareConfig(TrainConfig, ModelConfig, DataConfig, RunConfig):
     bn_batches: int = new_default(10)
     epochs: int = new_default(20)
     output: str = new_default("runs/compare")
+    channels_last: bool = new_default(True, why="the default compare runs faster end to end with it (docs/performance.md §7); "
+                                                "measure before keeping it for another model")
 
     def __post_init__(self) -> None:
         for name in ("train_subset", "eval_subset"):

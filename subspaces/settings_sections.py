@@ -221,7 +221,8 @@ class RuntimeConfig(Settings):
                                              "or what `accelerate launch --dynamo_backend` says)", nargs="?", const="inductor", metavar="BACKEND")
     torchcompile_mode: str | None = setting(None, "torch.compile mode: default | reduce-overhead | max-autotune (default: torch's)", metavar="MODE")
     channels_last: bool = setting(False, "channels-last (NHWC) memory layout for the convolutions, timm's flag: the model's 4-D weights "
-                                         "and the inputs; a subspace binds the 4-D weights it mixes at each point in it")
+                                         "and the inputs; a subspace binds the 4-D weights it mixes at each point in it (default: %(default)s{why})",
+                                  negatable=True)
 
     def validate(self) -> None:
         super().validate()
