@@ -209,3 +209,22 @@ elif mode == "kill_save":   # inside save_checkpoint, after accelerate's model, 
 sys.argv = [recipe, *argv]
 runpy.run_path(recipe, run_name="__main__")
 '''
+
+
+def tiny_resnet_as(kind: str) -> Any:
+    """timm's test_resnet (10 classes, seed 0) as ``kind``: "plain", "line" (also "mixup": a line
+    trained on mixed batches), "layerwise" (a line with a point per layer) or "simplex" (3 vertices)."""
+    import timm
+    import torch
+
+    import subspaces as ss
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    if kind in ("line", "mixup"):
+        return ss.Line(model, seed=0)
+    if kind == "layerwise":
+        return ss.Line(model, seed=0, sampling="layerwise")
+    if kind == "simplex":
+        return ss.Simplex(model, vertices=3, seed=0)
+    return model

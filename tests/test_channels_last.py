@@ -16,24 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 import subspaces as ss
-from helpers import TINY, recipe_cmd, run
+from helpers import TINY, recipe_cmd, run, tiny_resnet_as
 from subspaces.models import channels_last_input, use_channels_last
 
 CL = torch.channels_last
 
 
 def _pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    def make() -> torch.nn.Module:
-        torch.manual_seed(0)
-        model = timm.create_model("test_resnet", num_classes=10)
-        if kind == "line":
-            return ss.Line(model, seed=0)
-        if kind == "layerwise":
-            return ss.Line(model, seed=0, sampling="layerwise")
-        if kind == "simplex":
-            return ss.Simplex(model, vertices=3, seed=0)
-        return model
-    return make(), use_channels_last(make())
+    return tiny_resnet_as(kind), use_channels_last(tiny_resnet_as(kind))
 
 
 @pytest.mark.parametrize("kind", ["plain", "line", "layerwise", "simplex"])

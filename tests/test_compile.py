@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
 from accelerate.utils import is_compiled_module
 from safetensors import safe_open
 from torch.utils.data import TensorDataset
 
 import subspaces as ss
-from helpers import TINY, recipe_cmd, run
+from helpers import TINY, recipe_cmd, run, tiny_resnet_as
 from subspaces.checkpoint import latest_checkpoint
 from subspaces.compare_run import worker_environment
 from subspaces.data import DataBundle
@@ -35,18 +34,6 @@ def _data() -> DataBundle:
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(N, 3, IMG, IMG, generator=g), torch.randint(0, 10, (N,), generator=g))
     return DataBundle(train=ds, eval=ds, holdout=None, bn=ds, num_classes=10, in_chans=3, img_size=IMG, mean=(0.0,) * 3, std=(1.0,) * 3)
-
-
-def _net(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    if kind in ("line", "mixup"):
-        return ss.Line(model, seed=0)
-    if kind == "layerwise":
-        return ss.Line(model, seed=0, sampling="layerwise")
-    if kind == "simplex":
-        return ss.Simplex(model, vertices=3, seed=0)
-    return model
 
 
 def _config(kind: str, backend: str, **extra: Any) -> ss.TrainConfig:
@@ -65,7 +52,7 @@ def test_no_recompile_over_the_trainers_loop(kind, tmp_path):
             torch.compiler.set_stance("fail_on_recompile")
 
     torch.compiler.reset()
-    trainer = ss.Trainer.create(_config(kind, "eager"), _net(kind), _data(), output=tmp_path, spec={"num_classes": 10},
+    trainer = ss.Trainer.create(_config(kind, "eager"), tiny_resnet_as(kind), _data(), output=tmp_path, spec={"num_classes": 10},
                                 on_update=strict_after_the_first_update)
     try:
         status = trainer.fit()
@@ -91,11 +78,11 @@ def test_compiled_resume_is_bit_identical_to_a_compiled_run_without_the_stop(tmp
     torch.compiler.reset()
     data = _data()
     try:
-        whole = ss.Trainer.create(_config("line", "aot_eager"), _net("line"), data, output=tmp_path / "whole")
+        whole = ss.Trainer.create(_config("line", "aot_eager"), tiny_resnet_as("line"), data, output=tmp_path / "whole")
         whole.fit()
-        first = ss.Trainer.create(_config("line", "aot_eager"), _net("line"), data, output=tmp_path / "cut")
+        first = ss.Trainer.create(_config("line", "aot_eager"), tiny_resnet_as("line"), data, output=tmp_path / "cut")
         assert not first.fit(train_epochs=1)["finished"]
-        second = ss.Trainer.create(_config("line", "aot_eager"), _net("line"), data, output=tmp_path / "cut")
+        second = ss.Trainer.create(_config("line", "aot_eager"), tiny_resnet_as("line"), data, output=tmp_path / "cut")
         assert second.fit(resume=True)["finished"]
     finally:
         torch.compiler.reset()
@@ -108,7 +95,7 @@ def test_compiled_resume_is_bit_identical_to_a_compiled_run_without_the_stop(tmp
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not any(k.startswith("_orig_mod.") for k in keys)
-    eager = ss.Trainer.create(_config("line", None), _net("line"), data, output=tmp_path / "cut")
+    eager = ss.Trainer.create(_config("line", None), tiny_resnet_as("line"), data, output=tmp_path / "cut")
     assert eager.fit(resume=True)["finished"]   # nothing left to train: the compiled checkpoint loaded eagerly
 
 
