@@ -131,8 +131,8 @@ class MixFunction(torch.autograd.Function):
                 for dst, g, c in zip(flat.view(-1).split(numels), grads, cs):
                     if g is None:
                         dst.zero_()
-                    else:
-                        torch.mul(g, c, out=dst.view(g.shape))
+                    else:   # g in the layout the weight was used in (channels-last): functionalised out= needs it contiguous
+                        torch.mul(g.contiguous(), c, out=dst.view(g.shape))
                 out[first + k] = flat
             return tuple(out)
         filled = [g if g is not None else ref.new_zeros(n) for g, n in zip(grads, numels)]
