@@ -71,3 +71,29 @@ def test_channels_last_run_exports_and_resumes_bit_identically(subspace, tmp_pat
     a, b = load_file(str(full / weights)), load_file(str(stopped / weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((full / "results.json").read_text())["results"] == json.loads((stopped / "results.json").read_text())["results"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "line", "layerwise", "simplex"])
+def test_compiled_channels_last_training_matches_eager_channels_last(kind, tmp_path):
+    """``--torchcompile`` with ``--channels-last``: AOT autograd's functionalised backward takes
+    the channels-last gradients of the mixed weights (a layerwise line writes them piece by piece)
+    and trains to the eager channels-last weights, to float tolerance."""
+    from torch.utils.data import TensorDataset
+
+    from subspaces.data import DataBundle
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
+    data = DataBundle(train=ds, eval=ds, holdout=None, bn=ds, num_classes=10, in_chans=3, img_size=16, mean=(0.0,) * 3, std=(1.0,) * 3)
+    weights = {}
+    try:
+        for backend in (None, "aot_eager"):
+            config = ss.TrainConfig(epochs=1, batch_size=32, lr=0.01, cpu=True, seed=0, bn_batches=1, channels_last=True,
+                                    torchcompile=backend)
+            trainer = ss.Trainer.create(config, tiny_resnet_as(kind), data, output=tmp_path / str(backend))
+            assert trainer.fit()["finished"]
+            weights[backend] = {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items() if v.is_floating_point()}
+    finally:
+        torch.compiler.reset()
+    for name, value in weights[None].items():
+        torch.testing.assert_close(weights["aot_eager"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
