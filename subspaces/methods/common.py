@@ -3,12 +3,14 @@ the compare's progress lines."""
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..method_registry import seed_offsets
+from ..method_registry import CompareMethod, Member, seed_offsets
 
 
 def log(msg: str) -> None:
@@ -34,3 +36,20 @@ def point_key(point: Tensor | float) -> str:
     if p.numel() == 1:
         return f"t={float(p):.4f}"
     return "p=" + ",".join(f"{float(v):.4f}" for v in p)
+
+
+class IndexedMembers(CompareMethod):
+    """A method with one member per Ind network j < the largest budget, ``{prefix}{j}``
+    (:meth:`indexed_member` builds member j)."""
+
+    prefix: str
+
+    def members(self, plan: Any) -> list[Member]:
+        return [self.indexed_member(plan, j) for j in range(max(plan.budgets))]
+
+    def member(self, plan: Any, name: str) -> Member | None:
+        found = re.fullmatch(rf"{re.escape(self.prefix)}(\d+)", name)
+        return self.indexed_member(plan, int(found[1])) if found else None
+
+    def indexed_member(self, plan: Any, j: int) -> Member:
+        raise NotImplementedError(f"{type(self).__name__} builds no indexed member")

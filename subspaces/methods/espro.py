@@ -4,7 +4,6 @@ its cost is kB plus the SPRO epochs, times the points per batch."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,27 +13,21 @@ from accelerate.utils import set_seed
 from ..ensembles import subspace_points
 from ..errors import ConfigError
 from ..io import load_subspace
-from ..method_registry import CompareMethod, Member, RowName
+from ..method_registry import Member, RowName
 from ..run_folder import make_accelerator
 from ..settings import SPROConfig
 from ..spro import grow_simplex
-from .common import draw_seed, log, member_seed
+from .common import IndexedMembers, draw_seed, log, member_seed
 
 
-class ESPRO(CompareMethod):
+class ESPRO(IndexedMembers):
     """Members ``spro{j}``: the SPRO simplex of Ind network j, for j < the largest budget."""
 
     rows = (RowName("espro", "ESPRO"),)
 
-    def members(self, plan: Any) -> list[Member]:
-        return [self._member(plan, j) for j in range(max(plan.budgets))]
+    prefix = "spro"
 
-    def member(self, plan: Any, name: str) -> Member | None:
-        found = re.fullmatch(r"spro(\d+)", name)
-        return self._member(plan, int(found[1])) if found else None
-
-    @staticmethod
-    def _member(plan: Any, j: int) -> Member:
+    def indexed_member(self, plan: Any, j: int) -> Member:
         # each update takes spro_samples_per_step points per batch: that much more time per update
         return Member(f"spro{j}", deps=(f"ind{j}",), index=j, updates=max(0, plan.espro_vertices - 1) * plan.spro_epochs * plan.upe,
                       update_cost=float(max(1, plan.spro_samples_per_step)), rank=(5,))

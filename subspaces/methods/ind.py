@@ -5,7 +5,6 @@ weights and optimiser state at the pre-training iteration (``ind0/pretrain``).""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +13,8 @@ import torch
 from ..checkpoint import has_checkpoint, latest_checkpoint, read_progress, remove_checkpoints, save_optimizer_state
 from ..errors import ConfigError
 from ..io import save_model
-from ..method_registry import CompareMethod, Member, RowName
-from .common import log, member_seed
+from ..method_registry import Member, RowName
+from .common import IndexedMembers, log, member_seed
 
 #: FGE's start: the optimiser state (momentum buffers) of Ind network 0 at the pre-training iteration
 PRETRAIN_OPTIMIZER = "optimizer.bin"
@@ -23,20 +22,14 @@ PRETRAIN_OPTIMIZER = "optimizer.bin"
 PRETRAIN = "pretrain"
 
 
-class Ind(CompareMethod):
+class Ind(IndexedMembers):
     """Independently trained networks: members ``ind0`` ... ``ind{top-1}``."""
 
     rows = (RowName("single", "Single network"), RowName("ind", "Ind"))
 
-    def members(self, plan: Any) -> list[Member]:
-        return [self._member(plan, j) for j in range(max(plan.budgets))]
+    prefix = "ind"
 
-    def member(self, plan: Any, name: str) -> Member | None:
-        found = re.fullmatch(r"ind(\d+)", name)
-        return self._member(plan, int(found[1])) if found else None
-
-    @staticmethod
-    def _member(plan: Any, j: int) -> Member:
+    def indexed_member(self, plan: Any, j: int) -> Member:
         # ind0 first: FGE starts from it; the others after the snapshot runs (they are shorter)
         return Member(f"ind{j}", index=j, updates=plan.B * plan.upe, rank=(0,) if j == 0 else (3,))
 
