@@ -41,6 +41,11 @@ Two evaluation workloads (``torch.no_grad()``, eval mode, one batch read once fo
               Ensemble`` when present, else an average of softmax outputs) against M separate
               passes ``softmax(model_m(x))`` averaged by hand
 
+The ``gram`` workload (opt-in): the volume term of a 3-vertex simplex, log(Vol^2 + eps) from
+the centred Gram of its anchors, forward and backward, as the library takes it
+(``Subspace.gram(centred=True)``: ``subspaces.geometry.CentredGram``, float64 in cache-sized
+blocks) against the same formula written as one autograd expression over the stacked anchors.
+
 Memory (``memory`` workload; one fresh subprocess per model, variants one after another, never
 during timings). peak: the high-water mark during one training step after warm-up, minus what
 the process held before the variant was built (so: weights/anchors + optimiser state +
@@ -597,6 +602,37 @@ def bench_ensemble(name: str, args: argparse.Namespace, device: torch.device) ->
     return out
 
 
+def bench_gram(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """[B]'s volume term of a 3-vertex simplex, forward + backward: the library's centred Gram
+    (blocked) against X_c X_c^T over the stacked float64 anchors as one autograd expression."""
+    from subspaces.geometry import squared_distances, volume_squared_from_distances
+    from subspaces.regularizers import VOLUME_EPS
+
+    torch.manual_seed(0)
+    sub = ss.Simplex(build_model(name, args.img_size, args.num_classes), vertices=3).to(device)
+    K = sub.num_anchors
+
+    def stacked_gram() -> torch.Tensor:
+        total = torch.zeros(K, K, dtype=torch.float64, device=device)
+        for rows in zip(*(sub.anchor_parameters(k) for k in range(K))):
+            x = torch.stack([r.reshape(-1) for r in rows]).double()
+            x = x - x.mean(0, keepdim=True)
+            total = total + x @ x.T
+        return total
+
+    def volume_term(gram: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            sub.zero_grad(set_to_none=True)
+            torch.log(volume_squared_from_distances(squared_distances(gram())).clamp_min(0) + VOLUME_EPS).backward()
+        return step
+
+    times = interleaved({"stacked": volume_term(stacked_gram), "blocked": volume_term(lambda: sub.gram(centred=True))},
+                        args.reps, args.warmup, device, seed=args.seed)
+    out = summarize(times, "stacked")
+    out["parameters_per_vertex"] = sum(p.numel() for p in sub.anchor_parameters(0))
+    return out
+
+
 # ----------------------------------------------------------------------------- reporting
 def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MiB"
@@ -664,10 +700,21 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
                           f"{e['ensemble']['cpu_ratio']:.3f}", "-")
     if evals.row_count:
         console.print(evals)
+    grams = Table(title=f"volume term of a 3-vertex simplex, forward + backward: {meta['reps']} interleaved reps")
+    for col in ("model", "parameters per vertex", "blocked ms", "stacked ms", "ratio", "paired ratio", "cpu ratio"):
+        grams.add_column(col, justify="left" if col == "model" else "right")
+    for model, res in results.items():
+        if "gram" in res:
+            g = res["gram"]
+            grams.add_row(model, f"{g['parameters_per_vertex']:,}", f"{g['blocked']['median_ms']:.1f}", f"{g['stacked']['median_ms']:.1f}",
+                          f"{g['blocked']['ratio']:.3f}", f"{g['blocked']['paired_ratio']:.3f}", f"{g['blocked']['cpu_ratio']:.3f}")
+    if grams.row_count:
+        console.print(grams)
 
 
 # ----------------------------------------------------------------------------- main
-WORKLOADS = ("train", "memory", "points", "ensemble")
+WORKLOADS = ("train", "memory", "points", "ensemble", "gram")
+DEFAULT_WORKLOADS = WORKLOADS[:4]   # gram: opt-in
 
 
 def merge(paths: Sequence[str], output: str | None) -> dict[str, Any]:
@@ -699,7 +746,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated (default: %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s, line_pp, simplex_pp (per-parameter layout); the first is the reference for ratios")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of %(default)s")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
@@ -776,6 +823,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             gc.collect()
         if "ensemble" in args.workloads:
             res["ensemble"] = bench_ensemble(name, args, device)
+            gc.collect()
+        if "gram" in args.workloads:
+            res["gram"] = bench_gram(name, args, device)
             gc.collect()
         results[name] = res
     meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -4,13 +4,15 @@
     D_ij = |W_i - W_j|^2 = G_ii + G_jj - 2 G_ij        (for any m)
     Vol^2 by Cayley-Menger from D
 
-The Gram is taken K storage groups at a time, never as a K x P copy of the anchors.
+The Gram is taken one storage group at a time, never as a K x P copy of the anchors; the
+centred one (float64) in cache-sized blocks of columns on a CPU (:class:`CentredGram`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,24 +53,74 @@ def gram_of_group(g: AnchorGroup, anchors: Sequence[nn.ParameterDict], names: se
     """One storage group's share of :func:`gram` (float64 [K, K]), None if none of it is selected."""
     K = len(anchors)
     if names is None or names.issuperset(g.names):
-        pieces = [torch.stack([anchors[k][g.name].reshape(-1) for k in range(K)])]
+        pieces = [[anchors[k][g.name].reshape(-1) for k in range(K)]]
     else:
         keep = [i for i, n in enumerate(g.names) if n in names]
         if not keep:
             return None
         split = [anchors[k][g.name].reshape(-1).split(g.numels) for k in range(K)]
-        pieces = [torch.stack([split[k][i] for k in range(K)]) for i in keep]
+        pieces = [[split[k][i] for k in range(K)] for i in keep]
     total: Tensor | None = None
-    for stacked in pieces:   # [K, n]
+    for piece in pieces:   # K tensors [n]
         if centred:
-            x = stacked.double()
-            x = x - x.mean(0, keepdim=True)
-            part = x @ x.T
+            part = CentredGram.apply(centred_block(K, piece[0].device), *piece)
         else:
+            stacked = torch.stack(piece)
             x = stacked.float() if stacked.dtype in (torch.float16, torch.bfloat16) else stacked
             part = (x @ x.T).double()
         total = part if total is None else total + part
     return total
+
+
+def centred_block(K: int, device: torch.device) -> int | None:
+    """Columns of the K rows :class:`CentredGram` takes at a time: on a CPU about 1 MiB of float64
+    rows, so that each block's passes run in cache; elsewhere (None) all columns at once."""
+    return max(1 << 12, (1 << 17) // K) if device.type == "cpu" else None
+
+
+class CentredGram(torch.autograd.Function):
+    """G = X_c X_c^T in float64, X_c = X - (1/K) 1 1^T X, from the rows x_1..x_K (K tensors [n], any
+    float dtype) of X: Tensor[K, K]. Backward: dX = P (dG + dG^T) X_c with P the same centring,
+    in each row's own dtype. ``block`` columns at a time (None: all), recomputing X_c in the
+    backward instead of keeping K x n float64 values between the passes."""
+
+    @staticmethod
+    def forward(ctx: Any, block: int | None, *rows: Tensor) -> Tensor:
+        ctx.block = block
+        ctx.save_for_backward(*rows)
+        K, n = len(rows), rows[0].numel()
+        gram = torch.zeros(K, K, dtype=torch.float64, device=rows[0].device)
+        for lo, hi in _blocks(n, block):
+            x = _centred(rows, lo, hi)
+            gram.addmm_(x, x.T)
+        return gram
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rows = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[1:]
+        grads = [torch.empty_like(r) if w else None for r, w in zip(rows, wanted)]
+        if not any(wanted):
+            return (None, *grads)
+        sym = (grad + grad.T).to(torch.float64)
+        for lo, hi in _blocks(rows[0].numel(), ctx.block):
+            dx = sym @ _centred(rows, lo, hi)
+            dx -= dx.mean(0, keepdim=True)
+            for g, d in zip(grads, dx):
+                if g is not None:
+                    g[lo:hi].copy_(d)
+        return (None, *grads)
+
+
+def _blocks(n: int, block: int | None) -> list[tuple[int, int]]:
+    step = n if not block else block
+    return [(lo, min(lo + step, n)) for lo in range(0, n, max(step, 1))]
+
+
+def _centred(rows: Sequence[Tensor], lo: int, hi: int) -> Tensor:
+    x = torch.stack([r[lo:hi] for r in rows]).double()
+    return x.sub_(x.mean(0, keepdim=True))
 
 
 def squared_distances(gram: Tensor) -> Tensor:

@@ -108,6 +108,16 @@ def test_points_workload_times_the_evaluation_pass_too(bench, tmp_path):
         assert _positive(ev[key]["median_ms"]) and _positive(ev[key]["ratio"])
 
 
+def test_gram_workload_times_the_volume_term_both_ways(bench):
+    out = bench.main(["--models", "test_resnet", "--workloads", "gram", "--reps", "2", "--warmup", "1", "--threads", "1",
+                      "--device", "cpu"])
+    g = out["results"]["test_resnet"]["gram"]
+    assert g["parameters_per_vertex"] > 0
+    for key in ("stacked", "blocked"):
+        assert _positive(g[key]["median_ms"]) and g[key]["reps"] == 2
+    assert g["stacked"]["ratio"] == 1.0
+
+
 def test_pool_both_times_every_subspace_without_the_pool_too(bench):
     out = bench.main(["--models", "test_resnet", "--variants", "plain,line", "--workloads", "train", "--pool", "both",
                       "--batch-size", "4", "--reps", "2", "--warmup", "1", "--threads", "1", "--device", "cpu"])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import subspaces as ss
+from subspaces.geometry import CentredGram
 from subspaces.regularizers import reference_log_volume, selected_names, squared_distances, volume_penalty
 
 from helpers import DATA_TINY, checkpoint_progress, recipe_cmd, run
@@ -96,6 +97,33 @@ def test_uncentred_gram_is_the_raw_inner_products():
     torch.testing.assert_close(sub.gram(), V @ V.T, rtol=1e-5, atol=0)
     C = V - V.mean(0)
     torch.testing.assert_close(sub.gram(centred=True), C @ C.T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("block", [None, 7, 64, 1000])
+def test_centred_gram_in_blocks_is_the_stacked_centred_products(dtype, block):
+    gen = torch.Generator().manual_seed(1)
+    rows = [(0.5 + torch.randn(203, generator=gen)).to(dtype).requires_grad_(k != 1) for k in range(4)]
+    weights = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    got = CentredGram.apply(block, *rows)
+    (got * weights).sum().backward()
+    got_grads = [r.grad for r in rows]
+    ref_rows = [r.detach().clone().requires_grad_(k != 1) for k, r in enumerate(rows)]
+    x = torch.stack(ref_rows).double()
+    x = x - x.mean(0, keepdim=True)
+    want = x @ x.T
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got_grads[1] is None, "a frozen row got a gradient"
+    for k in (0, 2, 3):
+        assert got_grads[k].dtype == dtype
+        torch.testing.assert_close(got_grads[k], ref_rows[k].grad, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=1e-6)
+
+
+def test_centred_gram_gradients_pass_gradcheck_in_blocks():
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randn(10, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *r: CentredGram.apply(3, *r), rows)
 
 
 # --------------------------------------------------------------------------- [B]'s volume term and its scale
