@@ -24,7 +24,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .geometry import log_volume_from_distances, squared_distances, volume_squared_from_distances
+from .geometry import CentredGram, centred_block, log_volume_from_distances, squared_distances, volume_squared_from_distances
 from .init import reinitialize
 from .subspace import Subspace
 
@@ -158,7 +158,7 @@ def reference_log_volume(
     listing its simplices gets sum_s log(Vol0_s^2 + eps), the normaliser of the summed penalty."""
     _check_vertices(sub)
     K = sub.num_anchors
-    names = set(sub.subspace_parameter_names())
+    names = sub.subspace_parameter_names()
     base = sub.export()
     copies = []
     with torch.random.fork_rng(devices=[]):
@@ -168,10 +168,9 @@ def reference_log_volume(
             init(net)
             copies.append(dict(net.named_parameters()))
     gram = torch.zeros(K, K, dtype=torch.float64)
-    for name in names:
-        x = torch.stack([c[name].detach().reshape(-1).double() for c in copies])
-        x = x - x.mean(0, keepdim=True)
-        gram += x @ x.T
+    for name in names:   # in the subspace's order, so that every process sums the same way
+        rows = [c[name].detach().reshape(-1) for c in copies]
+        gram += CentredGram.apply(centred_block(K, rows[0].device), *rows).to(gram.device)
     simplices = simplices_of(sub)
     if simplices is None:
         vol2 = float(volume_squared_from_distances(squared_distances(gram)))
