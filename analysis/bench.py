@@ -628,7 +628,10 @@ def bench_gram(name: str, args: argparse.Namespace, device: torch.device) -> dic
 
     times = interleaved({"stacked": volume_term(stacked_gram), "blocked": volume_term(lambda: sub.gram(centred=True))},
                         args.reps, args.warmup, device, seed=args.seed)
+    import loop_bench  # the sibling analysis/loop_bench.py: its paired bootstrap over the rounds
+
     out = summarize(times, "stacked")
+    out["ratio_interval"] = loop_bench.bootstrap_interval(times["blocked"]["wall"], times["stacked"]["wall"])
     out["parameters_per_vertex"] = sum(p.numel() for p in sub.anchor_parameters(0))
     return out
 
@@ -701,13 +704,14 @@ def print_tables(results: dict[str, Any], meta: dict[str, Any]) -> None:
     if evals.row_count:
         console.print(evals)
     grams = Table(title=f"volume term of a 3-vertex simplex, forward + backward: {meta['reps']} interleaved reps")
-    for col in ("model", "parameters per vertex", "blocked ms", "stacked ms", "ratio", "paired ratio", "cpu ratio"):
+    for col in ("model", "parameters per vertex", "blocked ms", "stacked ms", "ratio", "95 % interval", "paired ratio", "cpu ratio"):
         grams.add_column(col, justify="left" if col == "model" else "right")
     for model, res in results.items():
         if "gram" in res:
             g = res["gram"]
             grams.add_row(model, f"{g['parameters_per_vertex']:,}", f"{g['blocked']['median_ms']:.1f}", f"{g['stacked']['median_ms']:.1f}",
-                          f"{g['blocked']['ratio']:.3f}", f"{g['blocked']['paired_ratio']:.3f}", f"{g['blocked']['cpu_ratio']:.3f}")
+                          f"{g['blocked']['ratio']:.3f}", "[{:.3f}, {:.3f}]".format(*g["ratio_interval"]),
+                          f"{g['blocked']['paired_ratio']:.3f}", f"{g['blocked']['cpu_ratio']:.3f}")
     if grams.row_count:
         console.print(grams)
 

@@ -108,7 +108,8 @@ def test_points_workload_times_the_evaluation_pass_too(bench, tmp_path):
         assert _positive(ev[key]["median_ms"]) and _positive(ev[key]["ratio"])
 
 
-def test_gram_workload_times_the_volume_term_both_ways(bench):
+def test_gram_workload_times_the_volume_term_both_ways(bench, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))   # its interval comes from the sibling loop_bench, as when run as a script
     out = bench.main(["--models", "test_resnet", "--workloads", "gram", "--reps", "2", "--warmup", "1", "--threads", "1",
                       "--device", "cpu"])
     g = out["results"]["test_resnet"]["gram"]
@@ -116,6 +117,8 @@ def test_gram_workload_times_the_volume_term_both_ways(bench):
     for key in ("stacked", "blocked"):
         assert _positive(g[key]["median_ms"]) and g[key]["reps"] == 2
     assert g["stacked"]["ratio"] == 1.0
+    lo, hi = g["ratio_interval"]
+    assert 0 < lo <= hi
 
 
 def test_pool_both_times_every_subspace_without_the_pool_too(bench):
